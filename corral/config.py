@@ -1,0 +1,262 @@
+"""Reading an app's `corral.toml` (or recognising a bare Django project) into
+plain typed objects.  Nothing is started here; every error names the file, the
+key and what to do about it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corral.settings import BY_NAME, FREE_SECTIONS, SECTIONS, SETTINGS, Setting
+
+CONFIG_NAME = "corral.toml"
+
+
+class ConfigError(Exception):
+    """A config that cannot be served; str() is the whole message for the user."""
+
+    def __init__(self, file: Path | str, key: str | None, problem: str, fix: str) -> None:
+        where = f"{file}: {key}" if key else str(file)
+        super().__init__(f"{where}: {problem}. Fix: {fix}")
+        self.file, self.key = str(file), key
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A listening address: TCP host and port, or a unix socket path."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Bind:
+        if text.startswith("unix:"):
+            return cls(path=text[5:])
+        match = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", text)
+        if not match or int(match.group(2)) > 65535:
+            raise ValueError(f"{text!r} is not HOST:PORT or unix:PATH")
+        return cls(host=match.group(1) or "127.0.0.1", port=int(match.group(2)))
+
+    def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass
+class DeployStep:
+    argv: list[str] | None  # None: the app has no deploy step
+    log: Path
+    timeout: float
+    hold: float
+
+
+@dataclass
+class AppConfig:
+    root: Path
+    config_file: Path | None
+    wsgi: str
+    processes: int
+    mount: str
+    queue: int
+    queue_timeout: float
+    boot_timeout: float
+    python: str
+    env: dict[str, str]
+    deploy: DeployStep
+    static: list[tuple[str, Path]]
+    server: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def source(self) -> str:
+        """What to name in messages about this app's config."""
+        return str(self.config_file or self.root)
+
+
+def _check(setting: Setting, value, file: Path):
+    """`value` converted to the setting's kind, or ConfigError."""
+    kind = setting.kind
+    ok = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "command": isinstance(value, list) and bool(value)
+                   and all(isinstance(v, str) for v in value),
+    }[kind]
+    if not ok:
+        wanted = {"str": "a string", "int": "an integer", "float": "a number",
+                  "bool": "true or false",
+                  "command": "a non-empty list of strings"}[kind]
+        raise ConfigError(file, setting.name, f"expected {wanted}, got {value!r}",
+                          f"set {setting.key} to {wanted} ({setting.help})")
+    if setting.minimum is not None and value < setting.minimum:
+        raise ConfigError(file, setting.name, f"{value!r} is below {setting.minimum:g}",
+                          f"use a value of at least {setting.minimum:g}")
+    return float(value) if kind == "float" else value
+
+
+def _read_toml(file: Path) -> dict:
+    try:
+        with open(file, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, None, f"not valid TOML ({exc})",
+                          "correct the syntax at that line") from None
+    except OSError as exc:
+        raise ConfigError(file, None, f"cannot be read ({exc.strerror})",
+                          "check the path and its permissions") from None
+
+
+def _django_settings_module(root: Path) -> str | None:
+    """The settings module manage.py sets as its default, if it says."""
+    try:
+        text = (root / "manage.py").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    match = re.search(r"""DJANGO_SETTINGS_MODULE['"]\s*,\s*['"]([\w.]+)['"]""", text)
+    return match.group(1) if match else None
+
+
+def _resolve_pythonpath(value: str, root: Path) -> str:
+    parts = [str((root / p).resolve()) for p in value.split(os.pathsep) if p]
+    return os.pathsep.join(parts)
+
+
+def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
+    """The app in folder `root`, from its corral.toml or as a Django project."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise ConfigError(root, None, "is not a folder",
+                          "give corral serve the folder that holds the app")
+    file = root / CONFIG_NAME
+    data = _read_toml(file) if file.exists() else None
+    config_file = file if data is not None else None
+    source = file if data is not None else root
+    if data is None:
+        if not (root / "manage.py").exists():
+            raise ConfigError(root, None, f"has no {CONFIG_NAME} and no manage.py",
+                              f"write a {CONFIG_NAME} (see docs/config.md) or "
+                              "serve a Django project folder")
+        data = {}
+
+    # 1. Unknown sections and keys are errors, never silently ignored.
+    values: dict[tuple[str, str], object] = {}
+    for section, table in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(source, f"[{section}]", "unknown section",
+                              f"use one of {', '.join(f'[{s}]' for s in SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(source, f"[{section}]", "is not a table",
+                              f"write it as a [{section}] section")
+        if section in FREE_SECTIONS:
+            continue
+        for key, value in table.items():
+            setting = BY_NAME.get((section, key))
+            if setting is None:
+                known = ", ".join(s.key for s in SETTINGS if s.section == section)
+                raise ConfigError(source, f"[{section}] {key}", "unknown key",
+                                  f"remove it or use one of: {known}")
+            values[(section, key)] = _check(setting, value, source)
+    for (section, key), value in (overrides or {}).items():
+        if value is not None:
+            values[(section, key)] = _check(BY_NAME[(section, key)], value, source)
+
+    def get(section: str, key: str):
+        return values.get((section, key), BY_NAME[(section, key)].default)
+
+    # 2. [env]: strings only; PYTHONPATH made absolute against the app folder.
+    env: dict[str, str] = {}
+    for key, value in data.get("env", {}).items():
+        if not isinstance(value, str):
+            raise ConfigError(source, f"[env] {key}", f"expected a string, got {value!r}",
+                              f'quote the value: {key} = "{value}"')
+        env[key] = value
+    settings_module = env.get("DJANGO_SETTINGS_MODULE") or _django_settings_module(root)
+    if settings_module and "DJANGO_SETTINGS_MODULE" not in env:
+        env["DJANGO_SETTINGS_MODULE"] = settings_module
+    env["PYTHONPATH"] = _resolve_pythonpath(env.get("PYTHONPATH", "."), root)
+
+    # 3. The WSGI callable: given, or the Django project's own.
+    wsgi = get("app", "wsgi")
+    if wsgi is None:
+        if not settings_module:
+            raise ConfigError(source, "[app] wsgi", "no WSGI callable is named",
+                              'set wsgi = "package.module:application"')
+        package = settings_module.rpartition(".")[0]
+        if package and (root / package.replace(".", "/") / "wsgi.py").exists():
+            wsgi = f"{package}.wsgi:application"
+        else:
+            wsgi = "corral.django:application"
+    elif not re.fullmatch(r"[\w.]+:[\w.]+", wsgi):
+        raise ConfigError(source, "[app] wsgi", f"{wsgi!r} is not module:callable",
+                          'write it as "package.module:application"')
+
+    mount = get("app", "mount")
+    if not mount.startswith("/") or "//" in mount:
+        raise ConfigError(source, "[app] mount", f"{mount!r} is not a URL path",
+                          'use "/" or a prefix such as "/blog"')
+    mount = mount.rstrip("/")
+
+    # 4. The deploy step: [deploy] file or command, or DEPLOY_FILE in [env].
+    deploy_file = env.get("DEPLOY_FILE") or get("deploy", "file")
+    command = get("deploy", "command")
+    if deploy_file and command:
+        raise ConfigError(source, "[deploy] command", "both file and command are set",
+                          "keep one of them")
+    argv = None
+    if deploy_file:
+        path = root / deploy_file
+        if not path.is_file():
+            key = "[env] DEPLOY_FILE" if env.get("DEPLOY_FILE") else "[deploy] file"
+            raise ConfigError(source, key, f"{path} does not exist",
+                              "create the file or correct the path (relative to the app folder)")
+        argv = [sys.executable, str(path)]
+    elif command:
+        argv = [sys.executable if command[0] == "python" else command[0], *command[1:]]
+    elif config_file is None and settings_module:
+        argv = [sys.executable, "manage.py", "migrate", "--noinput"]
+    deploy = DeployStep(argv=argv,
+                        log=root / (env.get("DEPLOY_LOG") or get("deploy", "log")),
+                        timeout=get("deploy", "timeout"), hold=get("deploy", "hold"))
+
+    # 5. Static mappings: every folder must exist and stay a folder.
+    static = []
+    for prefix, folder in data.get("static", {}).items():
+        key = f'[static] "{prefix}"'
+        if not prefix.startswith("/"):
+            raise ConfigError(source, key, "a URL prefix must start with /",
+                              f'write "/{prefix}"')
+        if not isinstance(folder, str):
+            raise ConfigError(source, key, f"expected a folder name, got {folder!r}",
+                              "give the folder as a string")
+        path = (root / folder).resolve()
+        if not path.is_dir():
+            raise ConfigError(source, key, f"folder {path} does not exist",
+                              "create it or correct the path (relative to the app folder)")
+        static.append((prefix.rstrip("/") + "/", path))
+    static.sort(key=lambda item: -len(item[0]))  # longest prefix first
+
+    server = {key: get("server", key) for (section, key) in BY_NAME if section == "server"}
+    try:
+        server["bind"] = Bind.parse(server["bind"])
+    except ValueError as exc:
+        raise ConfigError(source, "[server] bind", str(exc),
+                          'use "127.0.0.1:8000", "[::]:8000" or "unix:/path/to.sock"') from None
+
+    return AppConfig(
+        root=root, config_file=config_file, wsgi=wsgi,
+        processes=get("app", "processes"), mount=mount,
+        queue=get("app", "queue"), queue_timeout=get("app", "queue_timeout"),
+        boot_timeout=get("app", "boot_timeout"), python=sys.executable,
+        env=env, deploy=deploy, static=static, server=server)

@@ -1,0 +1,481 @@
+"""The front's HTTP/1.1 connection: parsing with httptools (llhttp), limits,
+timeouts, keep-alive and pipelining, and the response written back.
+
+One `HttpConnection` per client socket.  Requests are parsed completely (the
+body de-chunked and buffered, spooled to disk past a threshold) before
+anything is routed, so workers only ever see whole requests and a slow client
+holds no worker.  Responses go out in request order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from collections import deque
+from email.utils import formatdate
+from urllib.parse import unquote_to_bytes
+
+import httptools
+
+from corral.front.errors import (
+    BadRequest, BodyTooLarge, GatewayError, HeadTooLarge, HTTPError,
+    NotImplementedCoding, Unavailable, URITooLong)
+
+log = logging.getLogger("corral.error")
+
+SPOOL_THRESHOLD = 1 << 20  # bodies above this are spooled to a temporary file
+MAX_FIELDS = 200  # header fields per request
+WRITE_HIGH_WATER = 1 << 20  # response bytes buffered per client before backpressure
+MAX_PIPELINED = 16  # parsed requests waiting behind the one being answered
+
+_NO_BODY_STATUS = frozenset((204, 304))
+_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding",
+                         b"te", b"trailer", b"upgrade", b"proxy-connection"))
+_date_cache = [0.0, b""]
+
+
+def http_date() -> bytes:
+    now = time.time()
+    if int(now) != _date_cache[0]:
+        _date_cache[0] = int(now)
+        _date_cache[1] = formatdate(now, usegmt=True).encode()
+    return _date_cache[1]
+
+
+class Request:
+    """One parsed request, as the router and the handlers see it."""
+
+    __slots__ = ("method", "target", "version", "headers", "body", "body_size",
+                 "keep_alive", "host", "path", "query", "chunked", "started",
+                 "expect_continue", "content_length", "head_size", "status",
+                 "sent", "worker_pid")
+
+    def __init__(self) -> None:
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = None  # bytearray, or a spooled temporary file
+        self.body_size = 0
+        self.chunked = False
+        self.expect_continue = False
+        self.content_length: int | None = None
+        self.head_size = 0
+        self.host = b""
+        self.started = time.time()
+        self.status = 0
+        self.sent = 0
+        self.worker_pid = None
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+class HttpConnection(asyncio.Protocol):
+    """A client connection to the front."""
+
+    def __init__(self, server) -> None:
+        self.server = server  # corral.front.server.Front: limits, router, logs
+        self.limits = server.limits
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.request: Request | None = None  # the one being parsed
+        self.current: Request | None = None  # the one being answered
+        self.pipeline: deque[Request] = deque()
+        self.peer = ("", 0)
+        self.closing = False
+        self.lost = False
+        self.link = None  # the worker link serving `current`, if any
+        self.keep_alive = True
+        self.chunked_response = False
+        self.body_expected = True
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_kind = ""
+        self._drained: asyncio.Future | None = None
+
+    # -- asyncio callbacks ---------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = peer[:2]
+        self.server.connections.add(self)
+        self.arm("header", self.limits["header_timeout"])
+
+    def connection_lost(self, exc) -> None:
+        self.lost = True
+        self.server.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.link is not None:
+            self.link.abort()
+            self.link = None
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        for request in (self.request, self.current, *self.pipeline):
+            if request is not None and request.body is not None and not isinstance(
+                    request.body, bytearray):
+                request.body.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self.timer_kind == "idle":
+            self.arm("header", self.limits["header_timeout"])
+        try:
+            self.parser.feed_data(data)
+        except HTTPError as exc:
+            self.reject(exc)
+        except httptools.HttpParserUpgrade:
+            # An Upgrade we do not offer: the request itself is served, then
+            # the connection closes (its remaining bytes are not HTTP/1.1).
+            self.keep_alive = False
+        except httptools.HttpParserError as exc:
+            status = 400
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, HTTPError):
+                self.reject(cause)
+                return
+            message = str(exc) or type(exc).__name__
+            if "Transfer-Encoding" in message and self.request is not None:
+                status = 501 if b"chunked" in (self.request.header(b"transfer-encoding") or b"") else 400
+            self.reject(BadRequest(f"malformed request: {message}", status))
+
+    def pause_writing(self) -> None:
+        self._drained = asyncio.get_running_loop().create_future()
+        if self.link is not None:
+            self.link.pause()
+
+    def resume_writing(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
+        if self.link is not None:
+            self.link.resume()
+
+    async def drain(self) -> None:
+        if self._drained is not None:
+            await self._drained
+
+    # -- timeouts ------------------------------------------------------------
+
+    def arm(self, kind: str, seconds: float) -> None:
+        """Set the one deadline this connection has; moving it costs nothing,
+        the timer re-checks when it fires."""
+        self.timer_kind = kind
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + seconds
+        if self.timer is None:
+            self.timer = loop.call_at(self.deadline, self._on_timer)
+
+    def disarm(self) -> None:
+        self.timer_kind = ""
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.lost or not self.timer_kind:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.deadline:
+            self.timer = loop.call_at(self.deadline, self._on_timer)
+            return
+        if self.timer_kind == "idle":
+            self.transport.close()
+        elif self.timer_kind == "body":
+            self.reject(BadRequest("request body timeout", 408))
+        else:
+            self.reject(BadRequest("request head timeout", 408))
+
+    # -- httptools callbacks -------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.request = Request()
+        self.server.requests_seen += 1
+
+    def on_url(self, url: bytes) -> None:
+        request = self.request
+        request.target += url
+        if len(request.target) > self.limits["max_url"]:
+            raise URITooLong("request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self.request
+        request.head_size += len(name) + len(value) + 4
+        if request.head_size > self.limits["max_header"]:
+            raise HeadTooLarge("request header fields too large")
+        if len(request.headers) >= MAX_FIELDS:
+            raise HeadTooLarge("too many header fields")
+        request.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        request = self.request
+        parser = self.parser
+        request.method = parser.get_method()
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        self.check_head(request)
+        self.arm("body", self.limits["body_timeout"])
+        if request.expect_continue and request.version == "1.1" and (
+                request.chunked or request.content_length):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, data: bytes) -> None:
+        request = self.request
+        request.body_size += len(data)
+        if request.body_size > self.limits["max_body"]:
+            raise BodyTooLarge(f"request body over {self.limits['max_body']} bytes")
+        self.arm("body", self.limits["body_timeout"])
+        body = request.body
+        if body is None:
+            request.body = body = bytearray()
+        if isinstance(body, bytearray) and len(body) + len(data) > SPOOL_THRESHOLD:
+            spool = tempfile.TemporaryFile()
+            spool.write(body)
+            request.body = body = spool
+        if isinstance(body, bytearray):
+            body += data
+        else:
+            body.write(data)
+
+    def on_message_complete(self) -> None:
+        request, self.request = self.request, None
+        if request.body is not None and not isinstance(request.body, bytearray):
+            request.body.seek(0)
+        if self.current is None:
+            self.begin(request)
+        else:
+            self.pipeline.append(request)
+            if len(self.pipeline) >= MAX_PIPELINED:
+                self.transport.pause_reading()
+
+    # -- request checks (RFC 9110, 9112) -------------------------------------
+
+    def check_head(self, request: Request) -> None:
+        """Refuse what llhttp lets through but a strict server must not."""
+        hosts = 0
+        te = None
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower == b"host":
+                hosts += 1
+                request.host = value
+            elif lower == b"content-length":
+                if not value.isdigit():
+                    raise BadRequest("Content-Length is not a number")
+                request.content_length = int(value)
+            elif lower == b"transfer-encoding":
+                te = value if te is None else te + b"," + value
+            elif lower == b"expect":
+                if value.lower() != b"100-continue":
+                    raise BadRequest("unsupported Expect", 417)
+                request.expect_continue = True
+            if b"\x00" in value or b"\r" in value or b"\n" in value:
+                raise BadRequest(f"control character in {name.decode('latin-1')}")
+        if hosts > 1:
+            raise BadRequest("more than one Host header")
+        if hosts == 0 and request.version == "1.1":
+            raise BadRequest("HTTP/1.1 request without Host")
+        if te is not None:
+            codings = [c.strip().lower() for c in te.split(b",")]
+            if request.content_length is not None:
+                raise BadRequest("both Content-Length and Transfer-Encoding")
+            if request.version != "1.1":
+                raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+            if codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+                raise BadRequest("Transfer-Encoding does not end in chunked")
+            if codings != [b"chunked"]:
+                raise NotImplementedCoding(f"unsupported transfer coding in {te.decode('latin-1')!r}")
+            request.chunked = True
+        if request.content_length is not None and request.content_length > self.limits["max_body"]:
+            raise BodyTooLarge(f"request body over {self.limits['max_body']} bytes")
+        target = request.target
+        method = request.method
+        if target == b"*":
+            if method != b"OPTIONS":
+                raise BadRequest("asterisk-form is only for OPTIONS")
+            request.path, request.query = b"*", b""
+            return
+        if method == b"CONNECT":
+            raise BadRequest("CONNECT is not supported", 405)
+        if not target.startswith(b"/"):
+            scheme, sep, rest = target.partition(b"://")
+            if not sep or scheme.lower() not in (b"http", b"https") or not rest:
+                raise BadRequest("request target is not a path")
+            authority, slash, rest = rest.partition(b"/")
+            request.host = authority  # RFC 9112 3.2.2: the target's host wins
+            target = request.target = b"/" + rest
+        path, _, request.query = target.partition(b"?")
+        path = path.partition(b"#")[0]
+        request.path = unquote_to_bytes(path) if b"%" in path else path
+        if b"\x00" in request.path:
+            raise BadRequest("NUL in the request path")
+
+    # -- answering -----------------------------------------------------------
+
+    def begin(self, request: Request) -> None:
+        """Start answering `request` (it is complete)."""
+        self.current = request
+        self.disarm()
+        self.keep_alive = request.keep_alive and not self.closing and not self.server.stopping
+        self.server.route(self, request)
+
+    def finish(self) -> None:
+        """The current response is complete: log it, then the next one."""
+        request, self.current = self.current, None
+        self.link = None
+        self.server.log_access(self, request)
+        if request.body is not None and not isinstance(request.body, bytearray):
+            request.body.close()
+        if self.lost:
+            return
+        if not self.keep_alive or self.server.stopping:
+            self.transport.close()
+            return
+        if self.pipeline:
+            if len(self.pipeline) == MAX_PIPELINED:
+                self.transport.resume_reading()
+            self.begin(self.pipeline.popleft())
+        elif self.request is not None:
+            self.arm("header", self.limits["header_timeout"])
+        else:
+            self.arm("idle", self.limits["keepalive_timeout"])
+
+    def write_head(self, request: Request, status: int, reason: bytes,
+                   headers, length: int | None) -> None:
+        """Serialize the status line and headers; choose the body framing.
+
+        `length` is the body length when known; otherwise the app's own
+        Content-Length is used, or chunked for HTTP/1.1, or close-delimited.
+        """
+        request.status = status
+        no_body = request.method == b"HEAD" or status in _NO_BODY_STATUS or status < 200
+        self.body_expected = not no_body
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        has_length = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower in _HOP_BY_HOP:
+                if lower == b"connection" and b"close" in value.lower():
+                    self.keep_alive = False
+                continue
+            if lower == b"content-length":
+                if status in _NO_BODY_STATUS:
+                    continue
+                has_length = True
+            elif lower == b"date" or lower == b"server":
+                continue
+            out += (name, b": ", value, b"\r\n")
+        out += (b"Date: ", http_date(), b"\r\nServer: corral\r\n")
+        self.chunked_response = False
+        if not has_length and status not in _NO_BODY_STATUS and status >= 200:
+            if length is not None:
+                out.append(b"Content-Length: %d\r\n" % length)
+            elif request.version == "1.1":
+                if not no_body:
+                    out.append(b"Transfer-Encoding: chunked\r\n")
+                    self.chunked_response = True
+            else:
+                self.keep_alive = False  # the end of the body is the close
+        if not self.keep_alive:
+            out.append(b"Connection: close\r\n")
+        elif request.version == "1.0":
+            out.append(b"Connection: keep-alive\r\n")
+        out.append(b"\r\n")
+        self.transport.write(b"".join(out))
+
+    def write_body(self, data: bytes) -> None:
+        if not self.body_expected or not data or self.lost:
+            return
+        self.current.sent += len(data)
+        if self.chunked_response:
+            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.transport.write(data)
+
+    def end_body(self) -> None:
+        if self.chunked_response and not self.lost:
+            self.transport.write(b"0\r\n\r\n")
+        self.finish()
+
+    def respond(self, status: int, reason: bytes, headers, body: bytes) -> None:
+        """A whole response at once (static files, error pages, small app replies)."""
+        self.write_head(self.current, status, reason, headers, len(body))
+        if self.body_expected and body and not self.lost:
+            self.current.sent += len(body)
+            self.transport.write(body)
+        self.finish()
+
+    def respond_error(self, error: HTTPError) -> None:
+        page = getattr(error, "page", None)
+        text = page if page is not None else f"{error.status} {error.phrase}: {error.reason}\n"
+        if error.status >= 500 and not isinstance(error, Unavailable):
+            text = f"{error.status} {error.phrase}\n"  # details only in the log
+        body = text.encode()
+        ctype = b"text/html; charset=utf-8" if page else b"text/plain; charset=utf-8"
+        if error.status in (400, 408, 413, 414, 431, 501):
+            self.keep_alive = False
+        self.respond(error.status, error.phrase.encode(),
+                     [(b"Content-Type", ctype), *error.headers], body)
+
+    def reject(self, error: HTTPError) -> None:
+        """A request the front refuses while reading it: answer and close.
+
+        Requests already parsed before it are answered first only when no
+        response is in progress; otherwise the connection just ends after the
+        current response, since the stream can no longer be trusted.
+        """
+        if self.closing or self.lost:
+            return
+        self.closing = True
+        self.transport.pause_reading()
+        log.warning("refused request from %s: %s %s", self.peer[0], error.status, error.reason)
+        request = self.request or Request()
+        self.request = None
+        if not hasattr(request, "method"):
+            request.method = b"-"
+            request.version = "1.1"
+        request.keep_alive = False
+        if self.current is not None:
+            # A response is on its way; the refusal follows it, then close.
+            self.pipeline.clear()
+            self.keep_alive = False
+            return
+        self.current = request
+        self.keep_alive = False
+        self.respond_error(error)
+
+    # -- the upstream handler interface (see corral.front.upstream.Link) ------
+
+    def upstream_head(self, status, reason, headers) -> None:
+        if not self.lost:
+            self.write_head(self.current, status, reason, headers, None)
+
+    def upstream_whole(self, status, reason, headers, body) -> None:
+        if self.lost:
+            return
+        self.respond(status, reason, headers, body)
+
+    def upstream_body(self, data: bytes) -> None:
+        self.write_body(data)
+
+    def upstream_end(self) -> None:
+        self.end_body()
+
+    def upstream_failed(self, error: GatewayError) -> None:
+        if self.lost or self.current is None:
+            return
+        if self.current.status:
+            # The head is out: a truncated body must not look complete.
+            self.keep_alive = False
+            self.link = None
+            self.server.log_access(self, self.current)
+            self.current = None
+            self.transport.abort()
+            return
+        self.respond_error(error)

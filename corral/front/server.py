@@ -1,0 +1,232 @@
+"""The front as a whole: listening sockets, the router (static mapping or
+app, longest prefix first), dispatch into the pool, the access log and the
+graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+
+from corral.config import AppConfig, Bind
+from corral.front import static
+from corral.front.errors import BadRequest, HTTPError
+from corral.front.http import HttpConnection, Request
+from corral.front.static import StaticMapping
+
+log = logging.getLogger("corral.error")
+
+_ESCAPE = {i: f"\\x{i:02x}" for i in range(32)} | {0x22: '\\"', 0x5C: "\\\\", 0x7F: "\\x7f"}
+
+
+def _field(value: bytes | None) -> str:
+    """An access-log field: '-' when missing, quotes and controls escaped."""
+    if not value:
+        return "-"
+    return value.decode("latin-1").translate(_ESCAPE)
+
+
+class AccessLog:
+    """Apache combined format, written straight to a file (one write a line)."""
+
+    def __init__(self, target: str) -> None:
+        import sys
+        self.out = None
+        if target == "-":
+            self.out = sys.stderr
+        elif target:
+            self.out = open(target, "a", encoding="utf-8", buffering=1)
+        self._second = 0
+        self._stamp = ""
+
+    def write(self, conn: HttpConnection, request: Request) -> None:
+        if self.out is None:
+            return
+        now = time.time()
+        if int(now) != self._second:
+            self._second = int(now)
+            self._stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now))
+        method = getattr(request, "method", None)
+        line = (f"{request.method.decode('latin-1')} {_field(request.target)} "
+                f"HTTP/{request.version}") if method and method != b"-" else "-"
+        referer = agent = None
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower == b"referer":
+                referer = value
+            elif lower == b"user-agent":
+                agent = value
+        self.out.write(
+            f'{conn.peer[0] or "-"} - - [{self._stamp}] "{line.translate(_ESCAPE)}" '
+            f'{request.status or "-"} {request.sent or "-"} "{_field(referer)}" '
+            f'"{_field(agent)}"\n')
+
+
+def _cgi_name(name: bytes) -> bytes:
+    return b"HTTP_" + name.upper().replace(b"-", b"_")
+
+
+class Front:
+    """Accepts clients and answers them from static files or the app's pool."""
+
+    def __init__(self, config: AppConfig, pool) -> None:
+        self.config = config
+        self.pool = pool
+        self.limits = config.server
+        self.mount = config.mount.encode()
+        forbidden = (config.config_file,) if config.config_file else ()
+        self.static = [StaticMapping(prefix, folder, forbidden)
+                       for prefix, folder in config.static]
+        self.access = AccessLog(config.server["access_log"])
+        self.connections: set[HttpConnection] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.stopping = False
+        self.requests_seen = 0
+        self.addresses: list[str] = []
+
+    async def start(self, bind: Bind, sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        factory = lambda: HttpConnection(self)  # noqa: E731
+        if bind.path:
+            server = await loop.create_unix_server(factory, bind.path, backlog=1024)
+        else:
+            server = await loop.create_server(factory, bind.host, bind.port,
+                                              backlog=1024, reuse_address=True)
+        self.servers.append(server)
+        for s in server.sockets:
+            name = s.getsockname()
+            if isinstance(name, tuple):
+                host = f"[{name[0]}]" if ":" in name[0] else name[0]
+                self.addresses.append(f"http://{host}:{name[1]}")
+            else:
+                self.addresses.append(f"unix:{name}")
+
+    # -- routing -------------------------------------------------------------
+
+    def route(self, conn: HttpConnection, request: Request) -> None:
+        path = request.path
+        for mapping in self.static:
+            if mapping.matches(path):
+                found = mapping.resolve(path)
+                if found is None:
+                    conn.respond_error(HTTPError("no such file", 404))
+                elif request.method not in (b"GET", b"HEAD"):
+                    conn.respond_error(HTTPError("static files are read-only", 405,
+                                                 [(b"Allow", b"GET, HEAD")]))
+                else:
+                    asyncio.get_running_loop().create_task(
+                        static.serve(conn, request, found))
+                return
+        mount = self.mount
+        if mount and not (path == mount or path.startswith(mount + b"/")):
+            conn.respond_error(HTTPError("not under any app or static mapping", 404))
+            return
+        if path == b"*":
+            conn.respond(200, b"OK", [(b"Allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")], b"")
+            return
+        self.dispatch(conn, request)
+
+    def params(self, conn: HttpConnection, request: Request) -> list[tuple[bytes, bytes]]:
+        """The CGI/FastCGI params for `request` (RFC 3875 4.1)."""
+        host = request.host
+        server_name, _, server_port = host.rpartition(b":") if host.rfind(b":") > host.rfind(b"]") else (host, b"", b"")
+        local = conn.transport.get_extra_info("sockname")
+        if not server_port:
+            server_port = str(local[1]).encode() if isinstance(local, tuple) else b"80"
+        params = [
+            (b"GATEWAY_INTERFACE", b"CGI/1.1"),
+            (b"SERVER_SOFTWARE", b"corral"),
+            (b"REQUEST_METHOD", request.method),
+            (b"REQUEST_URI", request.target),
+            (b"QUERY_STRING", request.query),
+            (b"SCRIPT_NAME", b""),
+            (b"PATH_INFO", request.path),
+            (b"SERVER_PROTOCOL", b"HTTP/" + request.version.encode()),
+            (b"SERVER_NAME", server_name or b"localhost"),
+            (b"SERVER_PORT", server_port),
+            (b"REMOTE_ADDR", str(conn.peer[0]).encode()),
+            (b"REMOTE_PORT", str(conn.peer[1]).encode()),
+        ]
+        if request.body_size or request.content_length is not None or request.chunked:
+            params.append((b"CONTENT_LENGTH", b"%d" % request.body_size))
+        seen: dict[bytes, int] = {}
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower == b"content-type":
+                params.append((b"CONTENT_TYPE", value))
+                continue
+            if lower in (b"content-length", b"transfer-encoding", b"expect") or b"_" in name:
+                # The body is de-chunked and counted; and a name with "_" would
+                # collide with a "-" name in the environ, so it is not passed.
+                continue
+            key = _cgi_name(name)
+            if key in seen:  # repeated fields are joined (RFC 9110 5.3)
+                index = seen[key]
+                sep = b"; " if lower == b"cookie" else b", "
+                params[index] = (key, params[index][1] + sep + value)
+            else:
+                seen[key] = len(params)
+                params.append((key, value))
+        return params
+
+    def dispatch(self, conn: HttpConnection, request: Request) -> None:
+        params = self.params(conn, request)
+        body = request.body if request.body is not None else b""
+        link = self.pool.acquire_nowait()
+        if link is not None:
+            conn.link = link
+            request.worker_pid = link.worker.pid
+            link.start(params, body, conn)
+            return
+        asyncio.get_running_loop().create_task(self._dispatch_queued(conn, request, params, body))
+
+    async def _dispatch_queued(self, conn, request, params, body) -> None:
+        try:
+            link = await self.pool.acquire()
+        except HTTPError as exc:
+            if not conn.lost:
+                log.warning("503 for %s %s: %s", request.method.decode("latin-1"),
+                            request.target.decode("latin-1"), exc.reason)
+                conn.respond_error(exc)
+            return
+        if conn.lost:
+            self.pool.release(link)
+            return
+        conn.link = link
+        request.worker_pid = link.worker.pid
+        link.start(params, body, conn)
+
+    def log_access(self, conn: HttpConnection, request: Request) -> None:
+        self.access.write(conn, request)
+        if request.status >= 500 and request.status != 503:
+            log.error("%s for %s %s (worker pid %s)", request.status,
+                      request.method.decode("latin-1"), request.target.decode("latin-1"),
+                      request.worker_pid or "-")
+
+    # -- stopping ------------------------------------------------------------
+
+    def close_listeners(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking requests and wait for the ones in flight; True if all finished."""
+        self.stopping = True
+        self.close_listeners()
+        deadline = time.monotonic() + timeout
+        while True:
+            for conn in list(self.connections):
+                if conn.current is None and not conn.pipeline:
+                    conn.transport.close()  # idle keep-alive: nothing to lose
+            if not self.connections:
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("%d connections still busy after the %.0f s graceful timeout",
+                            len(self.connections), timeout)
+                for conn in list(self.connections):
+                    conn.transport.abort()
+                return False
+            await asyncio.sleep(0.05)

@@ -1,0 +1,74 @@
+"""One running server: the front and the app's pool composed, started in the
+right order and stopped gracefully on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+from corral.config import AppConfig
+from corral.front.server import Front
+from corral.pool import Pool
+
+log = logging.getLogger("corral.error")
+
+EXIT_CONFIG = 2  # the config (or the app it names) cannot be served
+
+
+class Server:
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+        self.stop_requested: asyncio.Event | None = None
+
+    def handle_signal(self, signum: int) -> None:
+        if not self.stop_requested.is_set():
+            log.info("%s received: stopping gracefully (in-flight requests finish)",
+                     signal.Signals(signum).name)
+            self.stop_requested.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.stop_requested = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.handle_signal, signum)
+        run_dir = Path(tempfile.mkdtemp(prefix="corral-"))
+        pool = Pool(self.config, run_dir)
+        front = Front(self.config, pool)
+        try:
+            try:
+                await front.start(self.config.server["bind"])
+            except OSError as exc:
+                log.error("cannot listen on %s: %s. Fix: choose another address with "
+                          "--bind or [server] bind", self.config.server["bind"], exc.strerror)
+                return EXIT_CONFIG
+            log.info("listening on %s", ", ".join(front.addresses))
+            return await self._serve(pool, front)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    async def _serve(self, pool: Pool, front: Front) -> int:
+        loop = asyncio.get_running_loop()
+        starting = loop.create_task(pool.start())
+        stop = loop.create_task(self.stop_requested.wait())
+        await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done() and pool.state == "ready":
+            log.info("ready: serving %s at %s", self.config.root, ", ".join(front.addresses))
+        elif starting.done():
+            log.error("ready, but %s answers 503: %s", self.config.name, pool.failure)
+        await asyncio.wait({stop, pool.fatal}, return_when=asyncio.FIRST_COMPLETED)
+        status = 0
+        if pool.fatal.done():
+            log.error("%s", pool.fatal.result())
+            status = EXIT_CONFIG
+        front.close_listeners()
+        await front.drain(self.config.server["graceful_timeout"])
+        starting.cancel()
+        stop.cancel()
+        await pool.stop()
+        log.info("stopped")
+        return status

@@ -1,0 +1,382 @@
+"""The built-in `python` engine: one FastCGI application-side loop hosting one
+WSGI callable, a request at a time (PEP 3333, FastCGI responder role).
+
+The pool starts it with its listening socket on file descriptor 0, as the
+FastCGI specification describes; `--bind` makes it listen by itself, for use
+straight behind nginx or Apache.  It knows nothing of sites, other apps or the
+front: it turns FastCGI params into an environ and a WSGI response into STDOUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import io
+import os
+import signal
+import socket
+import sys
+import tempfile
+import traceback
+from urllib.parse import unquote_to_bytes
+
+from corral import fastcgi
+from corral.fastcgi import AbortRequest, BeginRequest, Params, Stdin
+
+# Exit statuses the supervisor understands (anything else is a crash).
+EXIT_OK = 0
+EXIT_APP_LOAD_ERROR = 4
+
+SPOOL_THRESHOLD = 1 << 20  # request bodies above this go to a temporary file
+RECV_SIZE = 1 << 16
+PR_SET_PDEATHSIG = 1
+
+# RFC 9110 5.1 token characters, for header names and the status reason check.
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789"
+                   b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# Bytes never allowed in a header value or status line: CTLs but HTAB, and DEL.
+_FORBIDDEN = bytes(i for i in range(32) if i != 9) + b"\x7f"
+
+
+class AppLoadError(Exception):
+    """The WSGI callable named in the config cannot be imported."""
+
+
+class HeadError(ValueError):
+    """The app gave a status or header that cannot be sent safely."""
+
+
+def load_app(spec: str):
+    """Import `module:callable` (callable may be dotted); raise AppLoadError."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise AppLoadError(f"{spec!r} is not of the form 'module:callable'")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as exc:
+        raise AppLoadError(
+            f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AppLoadError(
+                f"module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise AppLoadError(f"{spec!r} is not callable")
+    return obj
+
+
+def encode_head(status: str, headers) -> bytes:
+    """The CGI response head for FCGI_STDOUT, or HeadError if it is unsafe.
+
+    Strings are encoded as latin-1 (PEP 3333); anything that would let the app
+    split the response (CR, LF, NUL, other controls) is refused, not escaped.
+    """
+    if type(status) is not str:
+        raise HeadError(f"status must be a str, not {type(status).__name__}")
+    try:
+        raw_status = status.encode("latin-1")
+    except UnicodeEncodeError:
+        raise HeadError(f"status {status!r} is not latin-1") from None
+    if (len(raw_status) < 4 or not raw_status[:3].isdigit()
+            or raw_status[3:4] != b" " or raw_status.translate(None, _FORBIDDEN) != raw_status):
+        raise HeadError(f"status {status!r} is not 'NNN reason'")
+    lines = [b"Status: ", raw_status, b"\r\n"]
+    for item in headers:
+        try:
+            name, value = item
+        except (TypeError, ValueError):
+            raise HeadError(f"header {item!r} is not a (name, value) pair") from None
+        if type(name) is not str or type(value) is not str:
+            raise HeadError(f"header {name!r}: name and value must be str")
+        try:
+            raw_name = name.encode("latin-1")
+            raw_value = value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise HeadError(f"header {name!r}: {value!r} is not latin-1") from None
+        if not raw_name or not _TOKEN.issuperset(raw_name):
+            raise HeadError(f"header name {name!r} is not a token")
+        if raw_value.translate(None, _FORBIDDEN) != raw_value:
+            raise HeadError(f"header {name!r}: value {value!r} has a control character")
+        lines += (raw_name, b": ", raw_value, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def split_mount(path: str, mount: str) -> tuple[str, str] | None:
+    """SCRIPT_NAME and PATH_INFO for `path` under `mount`, or None outside it.
+
+    The split happens only on a segment boundary: "/foobar" is not under
+    "/foo".  A root app ("" mount) gets SCRIPT_NAME "" (never "/").
+    """
+    if not mount:
+        return "", path
+    if path == mount or path.startswith(mount + "/"):
+        return mount, path[len(mount):]
+    return None
+
+
+class Response:
+    """The response side of one request: start_response, write, and STDOUT.
+
+    Output is held one chunk behind so that the last chunk, the stream's end
+    and END_REQUEST leave in a single send; a one-chunk response costs one
+    system call.
+    """
+
+    __slots__ = ("sock", "rid", "head", "status_set", "head_sent",
+                 "pending", "send_body")
+
+    def __init__(self, sock: socket.socket, rid: int, send_body: bool) -> None:
+        self.sock = sock
+        self.rid = rid
+        self.head = b""
+        self.status_set = False
+        self.head_sent = False
+        self.pending = b""
+        self.send_body = send_body
+
+    def start_response(self, status, headers, exc_info=None):
+        if exc_info:
+            try:
+                if self.head_sent:
+                    # PEP 3333: too late to change the response; re-raise.
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status_set:
+            raise AssertionError("start_response called a second time without exc_info")
+        self.head = encode_head(status, headers)
+        self.status_set = True
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        if not self.status_set:
+            raise AssertionError("write() before start_response()")
+        if type(data) is not bytes:
+            data = bytes(data)  # bytearray or memoryview; raises for str
+        if not self.head_sent:
+            self.head_sent = True
+            data = self.head + data if self.send_body else self.head
+        elif not data or not self.send_body:
+            return
+        if self.pending:
+            self.sock.sendall(self.pending)
+        self.pending = fastcgi.encode_stream(fastcgi.RecordType.STDOUT, self.rid, data)
+
+    def finish(self, connection: fastcgi.AppConnection) -> None:
+        if not self.head_sent:
+            self.write(b"")
+        self.sock.sendall(self.pending + connection.finish())
+
+
+def build_environ(params: list[tuple[bytes, bytes]], body, mount: str) -> dict | None:
+    """A PEP 3333 environ from FastCGI params, or None if outside the mount."""
+    environ = {name.decode("latin-1"): value.decode("latin-1")
+               for name, value in params}
+    uri = environ.get("REQUEST_URI")
+    if uri is not None:
+        # Derive the split ourselves instead of trusting SCRIPT_NAME: web
+        # servers disagree on it (nginx's stock params send the whole path).
+        path = uri.partition("?")[0]
+        if "%" in path:
+            path = unquote_to_bytes(path).decode("latin-1")
+        split = split_mount(path, mount)
+        if split is None:
+            return None
+        environ["SCRIPT_NAME"], environ["PATH_INFO"] = split
+    else:
+        environ.setdefault("SCRIPT_NAME", "")
+        environ.setdefault("PATH_INFO", "")
+    if not environ.get("CONTENT_LENGTH"):
+        environ.pop("CONTENT_LENGTH", None)
+    environ.setdefault("QUERY_STRING", "")
+    https = environ.get("HTTPS", "").lower() in ("on", "1")
+    environ["wsgi.version"] = (1, 0)
+    environ["wsgi.url_scheme"] = "https" if https else "http"
+    environ["wsgi.input"] = body
+    environ["wsgi.input_terminated"] = True
+    environ["wsgi.errors"] = sys.stderr
+    environ["wsgi.multithread"] = False
+    environ["wsgi.multiprocess"] = True
+    environ["wsgi.run_once"] = False
+    return environ
+
+
+class Worker:
+    """Serves FastCGI connections one after another with one WSGI app."""
+
+    def __init__(self, app, mount: str = "") -> None:
+        self.app = app
+        self.mount = mount.rstrip("/")
+        self.busy = False
+        self.stopping = False
+
+    # Signals: SIGTERM asks for a graceful exit.  Between requests we leave at
+    # once; during one, after its response is sent.
+    def handle_sigterm(self, signum, frame) -> None:
+        self.stopping = True
+        if not self.busy:
+            raise SystemExit(EXIT_OK)
+
+    def serve_forever(self, listener: socket.socket) -> None:
+        while not self.stopping:
+            conn, _ = listener.accept()
+            try:
+                self.serve_connection(conn)
+            except (ConnectionError, fastcgi.ProtocolError) as exc:
+                log(f"connection ended: {type(exc).__name__}: {exc}")
+            finally:
+                conn.close()
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        connection = fastcgi.AppConnection()
+        body = None
+        params = None
+        while True:
+            data = conn.recv(RECV_SIZE)
+            if not data:
+                return
+            self.busy = True
+            events = connection.receive_data(data)
+            answer = connection.data_to_send()
+            if answer:
+                conn.sendall(answer)
+            for event in events:
+                kind = type(event)
+                if kind is Stdin:
+                    if body is None:
+                        continue  # a stray record after the body's end
+                    if event.data:
+                        body.write(event.data)
+                        continue
+                    body.seek(0)
+                    if not self.run_request(conn, connection, params, body):
+                        return  # the response was cut short: drop the connection
+                    body = None
+                    if not connection.keep_conn or self.stopping:
+                        return
+                elif kind is Params:
+                    params = event.params
+                elif kind is BeginRequest:
+                    body = tempfile.SpooledTemporaryFile(SPOOL_THRESHOLD)
+                elif kind is AbortRequest:
+                    # Aborted before the app ran: nothing to stop, just end it.
+                    conn.sendall(connection.finish())
+                    body = None
+                    if not connection.keep_conn:
+                        return
+            self.busy = False
+            if self.stopping:
+                return
+
+    def run_request(self, conn, connection, params, body) -> bool:
+        """Call the app for one request; False if the response was cut short."""
+        rid = connection.request_id
+        environ = build_environ(params, body, self.mount)
+        if environ is None:
+            response = Response(conn, rid, True)
+            response.start_response("404 Not Found", [("Content-Type", "text/plain")])
+            response.write(b"Not Found: outside this app's mount prefix\n")
+            response.finish(connection)
+            return True
+        response = Response(conn, rid, environ["REQUEST_METHOD"] != "HEAD")
+        result = None
+        try:
+            result = self.app(environ, response.start_response)
+            for chunk in result:
+                response.write(chunk)
+            if not response.status_set:
+                raise AssertionError("the app returned without calling start_response()")
+        except Exception:
+            log_request_error(environ)
+            if response.head_sent:
+                return False  # too late for a 500: abort, the front closes the client
+            response.start_response(
+                "500 Internal Server Error",
+                [("Content-Type", "text/plain; charset=utf-8")], sys.exc_info())
+            response.write(b"Internal Server Error\n")
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log_request_error(environ)
+        response.finish(connection)
+        return True
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"[worker {os.getpid()}] {message}\n")
+    sys.stderr.flush()
+
+
+def log_request_error(environ) -> None:
+    line = f"{environ.get('REQUEST_METHOD', '-')} {environ.get('REQUEST_URI', '-')}"
+    log(f"error in app for {line}:\n{traceback.format_exc().rstrip()}")
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to end us if the supervisor dies, even by SIGKILL."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        raise SystemExit(EXIT_OK)
+
+
+def make_listener(bind: str | None) -> socket.socket:
+    if bind is None:
+        return socket.socket(fileno=0)  # FastCGI: the listening socket is fd 0
+    if bind.startswith("unix:"):
+        path = bind[5:]
+        if os.path.exists(path):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+    else:
+        host, _, port = bind.rpartition(":")
+        sock = socket.create_server((host or "127.0.0.1", int(port)))
+    sock.listen(128)
+    return sock
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m corral.worker",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("app", help="the WSGI callable, as module:callable")
+    parser.add_argument("--mount", default="", help="URL prefix the app is mounted at")
+    parser.add_argument("--bind", help="listen here (unix:PATH or HOST:PORT) "
+                        "instead of on file descriptor 0")
+    parser.add_argument("--with-parent", action="store_true",
+                        help="exit when the process that started us dies")
+    args = parser.parse_args(argv)
+    if args.with_parent:
+        die_with_parent()
+    # Ctrl-C in a terminal reaches the whole process group; the supervisor
+    # decides how workers stop, so a worker ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        app = load_app(args.app)
+    except AppLoadError as exc:
+        log(f"cannot load the app {args.app!r}: {exc}")
+        return EXIT_APP_LOAD_ERROR
+    listener = make_listener(args.bind)
+    worker = Worker(app, args.mount)
+    signal.signal(signal.SIGTERM, worker.handle_sigterm)
+    try:
+        worker.serve_forever(listener)
+    except SystemExit as exc:
+        return exc.code or EXIT_OK
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Bench app: the two minimal pages used for performance tests."""

@@ -1,0 +1,1 @@
+"""Blog app: dated posts with a list page and a detail page."""

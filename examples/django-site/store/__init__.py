@@ -1,0 +1,1 @@
+"""Store app: products and a CSRF-protected order form."""
