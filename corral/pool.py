@@ -297,7 +297,7 @@ class Pool:
         worker = link.worker
         if link.closed or worker.state in ("stopping", "dead"):
             return
-        if self.state == "ready":
+        if self.state == "ready" and link.alive():
             while self.waiters:
                 fut = self.waiters.popleft()
                 if not fut.done():
@@ -312,10 +312,16 @@ class Pool:
             self.release(self.idle.pop())
 
     def acquire_nowait(self) -> Link | None:
-        if self.state == "ready" and self.idle and not self.waiters:
-            link = self.idle.pop()
-            link.worker.state = "busy"
-            return link
+        if self.state != "ready" or self.waiters:
+            return None
+        idle = self.idle
+        while idle:
+            link = idle.pop()
+            if link.alive():
+                link.worker.state = "busy"
+                return link
+            # Dead while idle: connection_lost() will follow and reconnect or
+            # respawn; this request goes to another worker or waits.
         return None
 
     async def acquire(self) -> Link:

@@ -369,6 +369,8 @@ def main(argv=None) -> int:
         log(f"cannot load the app {args.app!r}: {exc}")
         return EXIT_APP_LOAD_ERROR
     listener = make_listener(args.bind)
+    if args.bind:
+        log(f"listening on {args.bind}")
     worker = Worker(app, args.mount)
     signal.signal(signal.SIGTERM, worker.handle_sigterm)
     try:

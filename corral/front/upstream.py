@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 
 from corral import fastcgi
 from corral.fastcgi import EndRequest, ServerConnection, Stderr, Stdout, ValuesResult
@@ -76,17 +78,25 @@ class Link(asyncio.Protocol):
         self.head_done = False
         self.closed = False
         self._drained: asyncio.Future | None = None
+        self._probe: socket.socket | None = None
 
     # asyncio callbacks
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # A second handle on the same socket, only to peek at it (see alive()).
+            self._probe = socket.socket(fileno=os.dup(sock.fileno()))
         # The worker answers GET_VALUES only once it has imported the app and
         # accepted us: that answer is its readiness signal.
         transport.write(ServerConnection.get_values([b"FCGI_MPXS_CONNS"]))
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("worker closed the connection"))
         if self._drained is not None and not self._drained.done():
@@ -168,7 +178,24 @@ class Link(asyncio.Protocol):
         for piece in body:
             handler.upstream_body(piece)
 
-    # used by the front
+    # used by the pool and the front
+
+    def alive(self) -> bool:
+        """False if the worker has already closed its end.
+
+        A worker that died while idle leaves an end-of-file waiting on the
+        socket that the event loop may not have read yet; a request sent
+        there would fail although no worker ever had it.  One non-blocking
+        peek before each dispatch closes that window.
+        """
+        if self.closed or self._probe is None:
+            return not self.closed
+        try:
+            return self._probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
 
     def start(self, params, body, handler) -> None:
         """Send one request; `body` is bytes or a file positioned at its start."""

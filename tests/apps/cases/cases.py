@@ -1,0 +1,169 @@
+"""A WSGI app for tests: each path shows one behaviour the server must get right."""
+
+import json
+import os
+import sys
+import time
+
+
+def echo(environ, start_response):
+    """The request as the app sees it, as JSON (the 'echo app' of the cases)."""
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"].read(length)
+    seen = {k: v for k, v in environ.items()
+            if k.startswith(("HTTP_", "CONTENT_")) or k in (
+                "REQUEST_METHOD", "PATH_INFO", "SCRIPT_NAME", "QUERY_STRING",
+                "SERVER_PROTOCOL", "REQUEST_URI", "SERVER_NAME", "SERVER_PORT",
+                "REMOTE_ADDR", "wsgi.url_scheme")}
+    seen["body"] = body.decode("latin-1")
+    seen["pid"] = os.getpid()
+    seen["multiprocess"] = environ["wsgi.multiprocess"]
+    seen["input_terminated"] = environ.get("wsgi.input_terminated")
+    out = json.dumps(seen).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(out)))])
+    return [out]
+
+
+def split_header(environ, start_response):  # K05
+    variant = environ.get("QUERY_STRING")
+    headers = [("Content-Type", "text/plain")]
+    status = "200 OK"
+    if variant == "name":
+        headers.append(("X-T\r\nInjected", "hi"))
+    elif variant == "status":
+        status = "200 OK\r\nInjected: 1"
+    elif variant == "nul":
+        headers.append(("X-T", "a\x00b"))
+    else:
+        headers.append(("X-T", "hi\r\nContent-Length: 0\r\n\r\n"))
+    start_response(status, headers)
+    return [b"body"]
+
+
+def cookies(environ, start_response):  # K06
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("Set-Cookie", "a=1; Path=/"),
+                              ("Set-Cookie", "b=2; Path=/")])
+    return [b"two cookies"]
+
+
+def location(environ, start_response):  # K08
+    where = "/foob\u00e0r" if environ.get("QUERY_STRING") != "euro" else "/\u20ac"
+    start_response("302 Found", [("Location", where)])
+    return []
+
+
+def exc_info(environ, start_response):  # K14
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    if environ.get("QUERY_STRING") == "late":
+        yield b"first chunk"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        start_response("500 Internal Server Error", [("Content-Type", "text/plain")],
+                       sys.exc_info())
+    yield b"oops"
+
+
+def twice(environ, start_response):  # K14: a second call without exc_info
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"never"]
+
+
+def write_callable(environ, start_response):  # K15
+    write = start_response("200 OK", [("Content-Type", "text/plain")])
+    write(b"hello ")
+    return [b"world"]
+
+
+def head(environ, start_response):  # K13
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "12")])
+    return [b"hello world\n"]
+
+
+def no_content(environ, start_response):
+    start_response("204 No Content", [("Content-Length", "5")])
+    return [b"oops!"]
+
+
+def slow(environ, start_response):
+    seconds = float(environ.get("QUERY_STRING") or 3)
+    time.sleep(seconds)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"slept %g\n" % seconds]
+
+
+def stream(environ, start_response):
+    """Chunks without a Content-Length: chunked to HTTP/1.1 clients."""
+    count = int(environ.get("QUERY_STRING") or 3)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return (b"chunk %d\n" % i for i in range(count))
+
+
+def big(environ, start_response):
+    size = int(environ.get("QUERY_STRING") or 10_000_000)
+    block = bytes(range(256)) * 256
+    start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                              ("Content-Length", str(size))])
+
+    def body():
+        left = size
+        while left > 0:
+            piece = block[:min(left, len(block))]
+            left -= len(piece)
+            yield piece
+    return body()
+
+
+def crash(environ, start_response):
+    raise RuntimeError("the app failed on purpose")
+
+
+def exit_worker(environ, start_response):
+    os._exit(3)
+
+
+class Closing:
+    """An iterable whose close() leaves a mark in the log."""
+
+    def __init__(self):
+        self.items = [b"closing body"]
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def close(self):
+        sys.stderr.write("CLOSE CALLED\n")
+        sys.stderr.flush()
+
+
+def closing(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return Closing()
+
+
+def pid(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(os.getpid()).encode()]
+
+
+ROUTES = {
+    "/echo": echo, "/split-header": split_header, "/cookies": cookies,
+    "/location": location, "/exc-info": exc_info, "/twice": twice,
+    "/write": write_callable, "/head": head, "/no-content": no_content,
+    "/slow": slow, "/stream": stream, "/big": big, "/crash": crash,
+    "/exit": exit_worker, "/closing": closing, "/pid": pid,
+}
+
+
+def application(environ, start_response):
+    path = environ["PATH_INFO"]
+    handler = ROUTES.get(path)
+    if handler is None:
+        if path.startswith("/echo"):
+            return echo(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"no such case\n"]
+    return handler(environ, start_response)

@@ -1,0 +1,327 @@
+"""Test helpers: a real `corral serve` subprocess, a raw HTTP client on real
+sockets, and a raw FastCGI client built on corral's own codec.
+
+Servers bind port 0 and the tests wait for the log line that says they are
+ready; nothing here sleeps to wait for a server.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from corral import fastcgi
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "examples" / "django-site"
+APPS = Path(__file__).resolve().parent / "apps"
+
+
+class ServerProcess:
+    """`corral serve` on an app folder, its error log collected line by line."""
+
+    def __init__(self, app_dir: Path | str, *args: str, env: dict | None = None,
+                 bind: str = "127.0.0.1:0") -> None:
+        self.app_dir = Path(app_dir)
+        command = [sys.executable, "-m", "corral", "serve", str(app_dir), *args]
+        if bind:
+            command += ["--bind", bind]
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env["PYTHONPATH"] = str(ROOT)
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stdin=subprocess.DEVNULL, env=full_env, text=True,
+                                     errors="replace")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.url = ""
+        self.port = 0
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            self._queue.put(line)
+        self._queue.put(None)
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> str:
+        """The first log line (seen or to come) matching `pattern`."""
+        regex = re.compile(pattern)
+        for line in list(self.lines):
+            if regex.search(line):
+                return line
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no log line matching {pattern!r}; log so far:\n{self.log}")
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise RuntimeError(f"server exited ({self.proc.wait()}) before "
+                                   f"{pattern!r}; log:\n{self.log}")
+            if regex.search(line):
+                return line
+
+    def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
+        line = self.wait_for(r"listening on ", timeout)
+        self.url = re.search(r"(http://[^\s,]+)", line).group(1)
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.wait_for(r"INFO ready: |ERROR ready, but ", timeout)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        self.proc.stderr.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        self.proc.stderr.close()
+
+    def worker_pids(self) -> list[int]:
+        return children_of(self.proc.pid)
+
+
+def children_of(pid: int) -> list[int]:
+    """Live, non-zombie child processes of `pid`, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return sorted(found)
+
+
+def copy_app(source: Path, target: Path) -> Path:
+    """A copy of an app folder without generated files, for one test."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(
+        "__pycache__", "db.sqlite3", "*.log"))
+    static = target / "static"
+    if static.exists():
+        for item in static.iterdir():
+            if item.name != ".gitignore":
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+    return target
+
+
+# -- raw HTTP ---------------------------------------------------------------
+
+def connect(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    return sock
+
+
+def read_response(sock: socket.socket, head_only: bool = False) -> tuple[int, dict, bytes, bytes]:
+    """One response from `sock`: (status, headers lower-cased, body, raw head).
+
+    The body is read by Content-Length or chunked framing, or to the close.
+    Repeated header names keep every value in a list under headers[name+'*'].
+    """
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError(f"closed before a full head: {buf!r}")
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    headers: dict = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        key = name.decode().lower()
+        headers.setdefault(key + "*", []).append(value.strip().decode("latin-1"))
+        headers[key] = value.strip().decode("latin-1")
+    if head_only or status in (204, 304) or 100 <= status < 200:
+        sock._corral_rest = rest  # type: ignore[attr-defined]
+        return status, headers, b"", head
+    if "content-length" in headers:
+        length = int(headers["content-length"])
+        while len(rest) < length:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed inside the body")
+            rest += data
+        return status, headers, rest[:length], head
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            while b"\r\n" not in rest:
+                rest += _recv(sock)
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            while len(rest) < size + 2:
+                rest += _recv(sock)
+            body += rest[:size]
+            rest = rest[size + 2:]
+            if size == 0:
+                return status, headers, body, head
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return status, headers, rest, head
+        rest += data
+
+
+def _recv(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    if not data:
+        raise ConnectionError("closed inside a chunked body")
+    return data
+
+
+def request(port: int, raw: bytes, timeout: float = 10.0) -> tuple[int, dict, bytes, bytes]:
+    """Send raw bytes on a new connection and read one response."""
+    with connect(port, timeout=timeout) as sock:
+        sock.sendall(raw)
+        return read_response(sock)
+
+
+def is_closed(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True if the peer closes `sock` (EOF or reset) within `timeout`."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+# -- raw FastCGI ------------------------------------------------------------
+
+class FastCGIClient:
+    """A web-server-side FastCGI connection over a real socket."""
+
+    def __init__(self, address) -> None:
+        family = socket.AF_UNIX if isinstance(address, (str, Path)) else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.settimeout(15)
+        self.sock.connect(str(address) if family == socket.AF_UNIX else address)
+        self.codec = fastcgi.ServerConnection()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def events(self) -> list:
+        """Events from one or more reads, at least one event."""
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("worker closed the connection")
+            events = self.codec.receive_data(data)
+            if events:
+                return events
+
+    def request(self, params: dict[str, str], body: bytes = b"", keep_conn: bool = True,
+                request_id: int = 1) -> tuple[bytes, bytes, fastcgi.EndRequest]:
+        """One whole request; returns (stdout, stderr, end)."""
+        pairs = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in params.items()]
+        data = fastcgi.ServerConnection.begin_request(request_id, pairs, keep_conn)
+        if body:
+            data += fastcgi.ServerConnection.stdin(request_id, body)
+        data += fastcgi.ServerConnection.stdin(request_id, b"")
+        self.send(data)
+        return self.read_response(request_id)
+
+    def read_response(self, request_id: int = 1):
+        stdout, stderr = bytearray(), bytearray()
+        while True:
+            for event in self.events():
+                if isinstance(event, fastcgi.Stdout):
+                    stdout += event.data
+                elif isinstance(event, fastcgi.Stderr):
+                    stderr += event.data
+                elif isinstance(event, fastcgi.EndRequest):
+                    return bytes(stdout), bytes(stderr), event
+
+
+def cgi_params(method: str = "GET", uri: str = "/", body: bytes = b"", **extra: str) -> dict:
+    path, _, query = uri.partition("?")
+    params = {
+        "REQUEST_METHOD": method, "REQUEST_URI": uri, "QUERY_STRING": query,
+        "SCRIPT_NAME": "", "PATH_INFO": path, "SERVER_NAME": "localhost",
+        "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1",
+        "GATEWAY_INTERFACE": "CGI/1.1",
+    }
+    if body:
+        params["CONTENT_LENGTH"] = str(len(body))
+    params.update(extra)
+    return params
+
+
+class WorkerProcess:
+    """`python -m corral.worker` listening on a unix socket in a temp folder."""
+
+    def __init__(self, app: str, socket_dir: Path, *args: str, env: dict | None = None) -> None:
+        self.path = socket_dir / "worker.sock"
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(APPS)])
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "corral.worker", app, "--bind", f"unix:{self.path}", *args],
+            stderr=subprocess.PIPE, env=full_env, text=True)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if "listening on" in line:
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_ready(self, timeout: float = 30.0) -> WorkerProcess:
+        """The worker logs that it listens only once the app has loaded."""
+        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+            raise RuntimeError(f"worker not ready; log:\n{self.log}")
+        return self
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        return self.log
