@@ -9,7 +9,8 @@ breaks the protocol raises `ProtocolError`, and that connection is finished.
 Names follow the specification (https://fastcgi-archives.github.io/) so the
 code can be read beside it.  Multiplexing is not offered: a connection carries
 one request at a time, and a second BEGIN_REQUEST while one is in flight is
-answered with CANT_MPX_CONN, as the spec allows.
+answered with CANT_MPX_CONN, as the spec allows; one that reuses the id in
+flight is a ProtocolError, since any answer would end the request in flight.
 """
 
 from __future__ import annotations
@@ -286,6 +287,7 @@ class AppConnection:
         self._reader = RecordReader()
         self._params = bytearray()
         self._params_done = False
+        self._stderr_open = False  # stderr() sent data: finish() must end the stream
         self._outgoing = bytearray()
 
     def data_to_send(self) -> bytes:
@@ -308,6 +310,11 @@ class AppConnection:
             if len(content) < BEGIN_BODY.size:
                 raise ProtocolError("BEGIN_REQUEST body too short")
             role, flags = BEGIN_BODY.unpack_from(content)
+            if rid == self.request_id:
+                # Spec 3.3: an id stays active until we send its END_REQUEST.
+                # Refusing this one with CANT_MPX_CONN would end the request
+                # in flight in the server's eyes, so the peer is lost: stop.
+                raise ProtocolError(f"BEGIN_REQUEST for request {rid}, already active")
             if self.request_id is not None:
                 # Spec 5.1: a non-multiplexing application refuses the
                 # second request and carries on with the first.
@@ -318,6 +325,7 @@ class AppConnection:
                 return
             self.request_id = rid
             self.keep_conn = bool(flags & FCGI_KEEP_CONN)
+            self._stderr_open = False
             self._params.clear()
             self._params_done = False
             events.append(BeginRequest(rid, role, self.keep_conn))
@@ -362,8 +370,12 @@ class AppConnection:
     def stdout(request_id: int, data: bytes) -> bytes:
         return encode_stream(RecordType.STDOUT, request_id, data)
 
-    @staticmethod
-    def stderr(request_id: int, data: bytes) -> bytes:
+    def stderr(self, request_id: int, data: bytes) -> bytes:
+        # Not a staticmethod like stdout(): a STDERR stream that carried data
+        # must be ended too, and only finish() knows when (spec appendix B,
+        # example 3); one that never opened is not sent at all (example 1).
+        if data:
+            self._stderr_open = True
         return encode_stream(RecordType.STDERR, request_id, data)
 
     @staticmethod
@@ -378,8 +390,11 @@ class AppConnection:
         if rid is None:
             raise RuntimeError("no request in flight")
         self.request_id = None
-        return (encode_record(RecordType.STDOUT, rid)
-                + self.end_request(rid, app_status))
+        out = encode_record(RecordType.STDOUT, rid)
+        if self._stderr_open:
+            self._stderr_open = False
+            out += encode_record(RecordType.STDERR, rid)
+        return out + self.end_request(rid, app_status)
 
 
 # ---------------------------------------------------------------------------

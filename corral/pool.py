@@ -280,7 +280,7 @@ class Pool:
         worker = link.worker
         handler, link.handler = link.handler, None
         try:
-            await asyncio.wait_for(asyncio.shield(worker.proc.wait()), 1.0)
+            await asyncio.wait_for(asyncio.shield(worker.proc.wait()), 0.25)
         except TimeoutError:
             pass
         cause = describe_exit(worker.proc.returncode)

@@ -16,14 +16,23 @@ def sample_server(tmp_path_factory):
     server.stop()
 
 
+def cases_config(app, processes: int = 2, server: str = "") -> str:
+    """A corral.toml for the cases app, with a static mapping and a call log."""
+    return (f'[app]\nwsgi = "cases:application"\nprocesses = {processes}\n'
+            f'[env]\nPYTHONPATH = "."\nCASES_CALL_LOG = "{app / "calls.log"}"\n'
+            f'[static]\n"/files/" = "public"\n'
+            + (f"[server]\n{server}\n" if server else ""))
+
+
 @pytest.fixture(scope="module")
 def cases_server(tmp_path_factory):
     """The behaviour-per-path test app behind the front."""
     app = copy_app(APPS / "cases", tmp_path_factory.mktemp("cases") / "cases")
     (app / "public").mkdir()
     (app / "public" / "hello.txt").write_text("hello static\n")
-    (app / "corral.toml").write_text((app / "corral.toml").read_text() + (
-        '\n[static]\n"/files/" = "public"\n'))
+    (app / "public" / ".secret").write_text("dotfile\n")
+    (app / "corral.toml").write_text(cases_config(app))
     server = ServerProcess(app).wait_ready()
+    server.calls = app / "calls.log"
     yield server
     server.stop()

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from corral import fastcgi
@@ -140,18 +141,27 @@ def connect(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> socket
     return sock
 
 
+_leftovers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def read_response(sock: socket.socket, head_only: bool = False) -> tuple[int, dict, bytes, bytes]:
     """One response from `sock`: (status, headers lower-cased, body, raw head).
 
     The body is read by Content-Length or chunked framing, or to the close.
     Repeated header names keep every value in a list under headers[name+'*'].
+    Bytes past the response stay with the socket for the next call
+    (pipelined responses).
     """
-    buf = b""
-    while b"\r\n\r\n" not in buf:
+    buf = _leftovers.pop(sock, b"")
+
+    def more() -> bytes:
         data = sock.recv(65536)
         if not data:
-            raise ConnectionError(f"closed before a full head: {buf!r}")
-        buf += data
+            raise ConnectionError(f"closed mid-response after {buf[:200]!r}")
+        return data
+
+    while b"\r\n\r\n" not in buf:
+        buf += more()
     head, _, rest = buf.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split()[1])
@@ -162,41 +172,33 @@ def read_response(sock: socket.socket, head_only: bool = False) -> tuple[int, di
         headers.setdefault(key + "*", []).append(value.strip().decode("latin-1"))
         headers[key] = value.strip().decode("latin-1")
     if head_only or status in (204, 304) or 100 <= status < 200:
-        sock._corral_rest = rest  # type: ignore[attr-defined]
+        _leftovers[sock] = rest
         return status, headers, b"", head
     if "content-length" in headers:
         length = int(headers["content-length"])
         while len(rest) < length:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("closed inside the body")
-            rest += data
+            rest += more()
+        _leftovers[sock] = rest[length:]
         return status, headers, rest[:length], head
     if headers.get("transfer-encoding") == "chunked":
         body = b""
         while True:
             while b"\r\n" not in rest:
-                rest += _recv(sock)
+                rest += more()
             size_line, _, rest = rest.partition(b"\r\n")
             size = int(size_line, 16)
             while len(rest) < size + 2:
-                rest += _recv(sock)
+                rest += more()
             body += rest[:size]
             rest = rest[size + 2:]
             if size == 0:
+                _leftovers[sock] = rest
                 return status, headers, body, head
     while True:
         data = sock.recv(65536)
         if not data:
             return status, headers, rest, head
         rest += data
-
-
-def _recv(sock: socket.socket) -> bytes:
-    data = sock.recv(65536)
-    if not data:
-        raise ConnectionError("closed inside a chunked body")
-    return data
 
 
 def request(port: int, raw: bytes, timeout: float = 10.0) -> tuple[int, dict, bytes, bytes]:

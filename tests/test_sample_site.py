@@ -125,11 +125,14 @@ def test_killed_worker_is_replaced_and_nothing_fails(sample_server):
 
 def test_sigterm_stops_cleanly_with_no_process_left(tmp_path):
     app = copy_app(SAMPLE, tmp_path / "site")
-    server = ServerProcess(app).wait_ready()
-    workers = server.worker_pids()
-    assert len(workers) == 2
-    assert requests.get(server.url + "/", timeout=10).status_code == 200
-    assert server.stop() == 0
+    server = ServerProcess(app)
+    try:
+        server.wait_ready()
+        workers = server.worker_pids()
+        assert len(workers) == 2
+        assert requests.get(server.url + "/", timeout=10).status_code == 200
+    finally:
+        assert server.stop() == 0
     for pid in workers:
         assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), pid
     assert "stopped" in server.log

@@ -44,13 +44,30 @@ def http_date() -> bytes:
     return _date_cache[1]
 
 
+def escape_request_line(data: bytes) -> bytes:
+    """Percent-encode raw non-ASCII bytes in the request line that starts `data`.
+
+    RFC 9112 allows only ASCII in a request-target and llhttp refuses the
+    rest, but clients do send raw UTF-8 paths; escaping them gives the app the
+    same PATH_INFO as the escaped form would.  Header values are left alone
+    (obs-text is legal there).  A request line split across reads before its
+    first non-ASCII byte is not rewritten and gets a 400.
+    """
+    end = data.find(b"\n")
+    line = data if end < 0 else data[:end]
+    if line.isascii():
+        return data
+    escaped = b"".join(b"%%%02X" % b if b >= 0x80 else bytes((b,)) for b in line)
+    return escaped if end < 0 else escaped + data[end:]
+
+
 class Request:
     """One parsed request, as the router and the handlers see it."""
 
     __slots__ = ("method", "target", "version", "headers", "body", "body_size",
                  "keep_alive", "host", "path", "query", "chunked", "started",
                  "expect_continue", "content_length", "head_size", "status",
-                 "sent", "worker_pid")
+                 "sent", "worker_pid", "error")
 
     def __init__(self) -> None:
         self.target = b""
@@ -66,6 +83,7 @@ class Request:
         self.status = 0
         self.sent = 0
         self.worker_pid = None
+        self.error = ""  # why the front answered with an error, for the log
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -128,6 +146,8 @@ class HttpConnection(asyncio.Protocol):
             return
         if self.timer_kind == "idle":
             self.arm("header", self.limits["header_timeout"])
+        if not data.isascii() and self.request is None:
+            data = escape_request_line(data)
         try:
             self.parser.feed_data(data)
         except HTTPError as exc:
@@ -137,15 +157,11 @@ class HttpConnection(asyncio.Protocol):
             # the connection closes (its remaining bytes are not HTTP/1.1).
             self.keep_alive = False
         except httptools.HttpParserError as exc:
-            status = 400
             cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, HTTPError):
+            if isinstance(cause, HTTPError):  # raised by one of our callbacks
                 self.reject(cause)
-                return
-            message = str(exc) or type(exc).__name__
-            if "Transfer-Encoding" in message and self.request is not None:
-                status = 501 if b"chunked" in (self.request.header(b"transfer-encoding") or b"") else 400
-            self.reject(BadRequest(f"malformed request: {message}", status))
+            else:
+                self.reject(BadRequest(f"malformed request: {exc or type(exc).__name__}"))
 
     def pause_writing(self) -> None:
         self._drained = asyncio.get_running_loop().create_future()
@@ -412,6 +428,7 @@ class HttpConnection(asyncio.Protocol):
         self.finish()
 
     def respond_error(self, error: HTTPError) -> None:
+        self.current.error = error.reason
         page = getattr(error, "page", None)
         text = page if page is not None else f"{error.status} {error.phrase}: {error.reason}\n"
         if error.status >= 500 and not isinstance(error, Unavailable):

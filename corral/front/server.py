@@ -202,9 +202,9 @@ class Front:
     def log_access(self, conn: HttpConnection, request: Request) -> None:
         self.access.write(conn, request)
         if request.status >= 500 and request.status != 503:
-            log.error("%s for %s %s (worker pid %s)", request.status,
+            log.error("%s for %s %s (worker pid %s): %s", request.status,
                       request.method.decode("latin-1"), request.target.decode("latin-1"),
-                      request.worker_pid or "-")
+                      request.worker_pid or "-", request.error or "the app answered so")
 
     # -- stopping ------------------------------------------------------------
 

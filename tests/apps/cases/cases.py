@@ -1,5 +1,6 @@
 """A WSGI app for tests: each path shows one behaviour the server must get right."""
 
+import hashlib
 import json
 import os
 import sys
@@ -158,8 +159,70 @@ ROUTES = {
 }
 
 
+def exc_info_after_empty(environ, start_response):  # K14: an empty chunk sends no head
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield b""
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        start_response("500 Internal Server Error", [("Content-Type", "text/plain")],
+                       sys.exc_info())
+    yield b"oops"
+
+
+def digest(environ, start_response):
+    """Length and SHA-256 of the body, read to its end in 8 KiB pieces."""
+    stream = environ["wsgi.input"]
+    sha = hashlib.sha256()
+    size = 0
+    while True:
+        piece = stream.read(8192)
+        if not piece:
+            break
+        sha.update(piece)
+        size += len(piece)
+    out = b"%d %s" % (size, sha.hexdigest().encode())
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [out]
+
+
+def slow_logged(environ, start_response):
+    """/slow that first says so in the log, so a test can act while it runs."""
+    sys.stderr.write("SLOW STARTED\n")
+    sys.stderr.flush()
+    return slow(environ, start_response)
+
+
+class FailingClosing(Closing):
+    """A Closing whose iteration fails, at once or after one chunk."""
+
+    def __init__(self, late):
+        super().__init__()
+        self.late = late
+
+    def __iter__(self):
+        if self.late:
+            yield b"first chunk"
+        raise RuntimeError("the body failed on purpose")
+
+
+def closing_fails(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return FailingClosing(environ.get("QUERY_STRING") == "late")
+
+
+ROUTES.update({
+    "/exc-info-after-empty": exc_info_after_empty, "/digest": digest,
+    "/slow-logged": slow_logged, "/closing-fails": closing_fails,
+})
+
+
 def application(environ, start_response):
     path = environ["PATH_INFO"]
+    calls = os.environ.get("CASES_CALL_LOG")
+    if calls:  # lets a test prove that a refused request never reached the app
+        with open(calls, "a", encoding="utf-8") as f:
+            f.write(environ.get("REQUEST_URI", path) + "\n")
     handler = ROUTES.get(path)
     if handler is None:
         if path.startswith("/echo"):
