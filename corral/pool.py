@@ -50,6 +50,26 @@ def describe_exit(status: int | None) -> str:
     return f"exit status {status}"
 
 
+class Waiter:
+    """A request waiting for a free worker: `callback(link, error)` is called
+    exactly once, with a link or with the Unavailable error that ends the wait."""
+
+    __slots__ = ("callback", "timer", "done")
+
+    def __init__(self, callback) -> None:
+        self.callback = callback
+        self.timer: asyncio.TimerHandle | None = None
+        self.done = False
+
+    def settle(self, link: Link | None, error: Unavailable | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.callback(link, error)
+
+
 class WorkerProcess:
     """The supervisor's record of one worker."""
 
@@ -59,7 +79,8 @@ class WorkerProcess:
         self.generation = generation
         self.pid = 0
         self.proc: asyncio.subprocess.Process | None = None
-        self.socket_path = pool.run_dir / f"{pool.config.name}-{generation}-{slot}-{id(self):x}.sock"
+        name = f"{pool.config.name}-{generation}-{slot}-{id(self):x}.sock"
+        self.socket_path = pool.run_dir / name
         self.link: Link | None = None
         self.state = "booting"  # booting, idle, busy, stopping, dead
         self.spawned = time.monotonic()
@@ -81,7 +102,7 @@ class Pool:
         self.failure = ""
         self.workers: dict[int, WorkerProcess] = {}  # by slot
         self.idle: list[Link] = []
-        self.waiters: deque[asyncio.Future] = deque()
+        self.waiters: deque[Waiter] = deque()
         self.deployed: asyncio.Future | None = None
         self.fatal: asyncio.Future | None = None  # set when the app cannot load at all
         self.last_deploy: DeployResult | None = None
@@ -114,8 +135,7 @@ class Pool:
         self.deployed = loop.create_future()
         self.fatal = loop.create_future()
         self.state = "deploying"
-        for slot in range(self.config.processes):
-            self._task(self.spawn(slot))
+        spawns = [self._task(self.spawn(slot)) for slot in range(self.config.processes)]
         if self.config.deploy.argv:
             self.last_deploy = await run_deploy(
                 self.config.deploy, self.config.root, self.env, self.generation,
@@ -124,6 +144,9 @@ class Pool:
                 self.fail(f"deploy step failed ({self.last_deploy.describe()}), "
                           f"see {self.last_deploy.log}")
                 return
+        # Ready means answering: wait for the first workers to import the
+        # app (each spawn ends at readiness, exit or its boot timeout).
+        await asyncio.wait(spawns)
         if self.state == "deploying":
             self.state = "ready"
             self.deployed.set_result(True)
@@ -134,18 +157,16 @@ class Pool:
         self.failure = reason
         if not self.deployed.done():
             self.deployed.set_result(False)
+        self._refuse_waiters(Unavailable(reason, retry_after=30, page=FAILED_PAGE))
+
+    def _refuse_waiters(self, error: Unavailable) -> None:
         while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_exception(Unavailable(reason, page=FAILED_PAGE))
+            self.waiters.popleft().settle(None, error)
 
     async def stop(self) -> None:
         """Stop every worker: SIGTERM (they finish their request), then SIGKILL."""
         self.state = "stopping"
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_exception(Unavailable("server is stopping"))
+        self._refuse_waiters(Unavailable("server is stopping"))
         for task in list(self.tasks):
             task.cancel()
         procs = [w.proc for w in self.workers.values() if w.proc is not None]
@@ -189,7 +210,7 @@ class Pool:
             listener.listen(64)
             worker.proc = await asyncio.create_subprocess_exec(
                 config.python, "-m", "corral.worker", config.wsgi,
-                "--mount", config.mount, "--with-parent",
+                "--mount", config.mount, "--parent", str(os.getpid()),
                 stdin=listener.fileno(), stdout=sys.stderr.fileno(),
                 cwd=config.root, env=self.env, start_new_session=True)
         except OSError as exc:
@@ -269,12 +290,12 @@ class Pool:
             worker.link = None
         if link.handler is not None:
             self._task(self._report_lost_request(link))
-        elif worker.state == "busy" and self.state != "stopping":
+        elif (worker.state == "busy" and self.state != "stopping"
+              and worker.proc is not None and worker.proc.returncode is None):
             # The worker dropped the connection after cutting a response
             # short; it is alive and accepting again, so reconnect.
-            if worker.proc is not None and worker.proc.returncode is None:
-                worker.state = "booting"
-                self._task(self.connect(worker))
+            worker.state = "booting"
+            self._task(self.connect(worker))
 
     async def _report_lost_request(self, link: Link) -> None:
         worker = link.worker
@@ -284,8 +305,12 @@ class Pool:
         except TimeoutError:
             pass
         cause = describe_exit(worker.proc.returncode)
-        handler.upstream_failed(GatewayError(
-            f"worker pid {worker.pid} closed the connection while serving the request ({cause})"))
+        error = GatewayError(
+            f"worker pid {worker.pid} closed the connection while serving the request ({cause})")
+        if link.answered:
+            handler.upstream_failed(error)
+        else:
+            handler.upstream_retry(error)
         if worker.proc.returncode is None and self.state != "stopping":
             worker.state = "booting"
             await self.connect(worker)
@@ -297,13 +322,10 @@ class Pool:
         worker = link.worker
         if link.closed or worker.state in ("stopping", "dead"):
             return
-        if self.state == "ready" and link.alive():
-            while self.waiters:
-                fut = self.waiters.popleft()
-                if not fut.done():
-                    worker.state = "busy"
-                    fut.set_result(link)
-                    return
+        if self.state == "ready" and self.waiters and link.alive():
+            worker.state = "busy"
+            self.waiters.popleft().settle(link)
+            return
         worker.state = "idle"
         self.idle.append(link)
 
@@ -312,6 +334,7 @@ class Pool:
             self.release(self.idle.pop())
 
     def acquire_nowait(self) -> Link | None:
+        """A free link at once, or None (then use wait_for_link)."""
         if self.state != "ready" or self.waiters:
             return None
         idle = self.idle
@@ -324,35 +347,39 @@ class Pool:
             # respawn; this request goes to another worker or waits.
         return None
 
-    async def acquire(self) -> Link:
-        """A free link, waiting (bounded) for one; Unavailable when none comes."""
-        if self.state in ("starting", "deploying"):
-            try:
-                await asyncio.wait_for(asyncio.shield(self.deployed),
-                                       self.config.deploy.hold)
-            except TimeoutError:
-                raise Unavailable("deploy step in progress", retry_after=10,
-                                  page=DEPLOYING_PAGE) from None
-        if self.state == "failed":
-            raise Unavailable(self.failure, retry_after=30, page=FAILED_PAGE)
-        if self.state == "stopping":
-            raise Unavailable("server is stopping")
-        link = self.acquire_nowait()
-        if link is not None:
-            return link
+    def wait_for_link(self, callback) -> None:
+        """Queue a request: `callback(link, error)` runs once, with a free link
+        or with the 503 that ends the wait (queue full, wait too long, deploy
+        step still running or failed, server stopping)."""
+        waiter = Waiter(callback)
+        state = self.state
+        if state == "failed":
+            waiter.settle(None, Unavailable(self.failure, retry_after=30, page=FAILED_PAGE))
+            return
+        if state == "stopping":
+            waiter.settle(None, Unavailable("server is stopping"))
+            return
+        if state == "ready":
+            link = self.acquire_nowait()
+            if link is not None:
+                waiter.settle(link)
+                return
         if len(self.waiters) >= self.config.queue:
-            raise Unavailable("request queue is full", retry_after=1)
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self.waiters.append(fut)
-        timer = loop.call_later(self.config.queue_timeout, self._expire, fut)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
+            waiter.settle(None, Unavailable("request queue is full", retry_after=1))
+            return
+        wait = self.config.queue_timeout if state == "ready" else self.config.deploy.hold
+        waiter.timer = asyncio.get_running_loop().call_later(wait, self._expire, waiter)
+        self.waiters.append(waiter)
 
-    def _expire(self, fut: asyncio.Future) -> None:
-        if not fut.done():
-            fut.set_exception(Unavailable(
-                f"no worker became free within {self.config.queue_timeout:g} s",
-                retry_after=5))
+    def _expire(self, waiter: Waiter) -> None:
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            pass
+        if self.state in ("starting", "deploying"):
+            error = Unavailable("deploy step in progress", retry_after=10, page=DEPLOYING_PAGE)
+        else:
+            error = Unavailable(
+                f"no worker became free within {self.config.queue_timeout:g} s", retry_after=5)
+        waiter.timer = None
+        waiter.settle(None, error)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib
-import io
 import os
 import signal
 import socket
@@ -158,6 +157,13 @@ class Response:
             raise AssertionError("write() before start_response()")
         if type(data) is not bytes:
             data = bytes(data)  # bytearray or memoryview; raises for str
+        if not data and not self.head_sent:
+            # PEP 3333: the head waits for the first non-empty chunk, so an
+            # app may still replace it with start_response(..., exc_info).
+            return
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
         if not self.head_sent:
             self.head_sent = True
             data = self.head + data if self.send_body else self.head
@@ -169,21 +175,34 @@ class Response:
 
     def finish(self, connection: fastcgi.AppConnection) -> None:
         if not self.head_sent:
-            self.write(b"")
+            self._send(b"")  # a response with an empty body still has a head
         self.sock.sendall(self.pending + connection.finish())
 
+    def flush(self) -> None:
+        """Send what is held back, without ending the request (before an abort)."""
+        if self.pending:
+            self.sock.sendall(self.pending)
+            self.pending = b""
 
-def build_environ(params: list[tuple[bytes, bytes]], body, mount: str) -> dict | None:
+
+def build_environ(params: list[tuple[bytes, bytes]], body, body_size: int,
+                  mount: str) -> dict | None:
     """A PEP 3333 environ from FastCGI params, or None if outside the mount."""
     environ = {name.decode("latin-1"): value.decode("latin-1")
                for name, value in params}
+    # nginx passes every request header on as HTTP_*, these two included;
+    # CGI (and so PEP 3333) has them only as CONTENT_TYPE and CONTENT_LENGTH.
+    environ.pop("HTTP_CONTENT_TYPE", None)
+    environ.pop("HTTP_CONTENT_LENGTH", None)
     uri = environ.get("REQUEST_URI")
     if uri is not None:
         # Derive the split ourselves instead of trusting SCRIPT_NAME: web
         # servers disagree on it (nginx's stock params send the whole path).
         path = uri.partition("?")[0]
         if "%" in path:
-            path = unquote_to_bytes(path).decode("latin-1")
+            # Back to the bytes the server sent first: given a str,
+            # unquote_to_bytes would encode raw non-ASCII bytes as UTF-8.
+            path = unquote_to_bytes(path.encode("latin-1")).decode("latin-1")
         split = split_mount(path, mount)
         if split is None:
             return None
@@ -193,6 +212,11 @@ def build_environ(params: list[tuple[bytes, bytes]], body, mount: str) -> dict |
         environ.setdefault("PATH_INFO", "")
     if not environ.get("CONTENT_LENGTH"):
         environ.pop("CONTENT_LENGTH", None)
+        if body_size:
+            # A body streamed without a length (nginx, chunked, request
+            # buffering off) is whole by now; frameworks such as Django read
+            # exactly CONTENT_LENGTH bytes and would see nothing (case K01).
+            environ["CONTENT_LENGTH"] = str(body_size)
     environ.setdefault("QUERY_STRING", "")
     https = environ.get("HTTPS", "").lower() in ("on", "1")
     environ["wsgi.version"] = (1, 0)
@@ -216,7 +240,7 @@ class Worker:
         self.stopping = False
 
     # Signals: SIGTERM asks for a graceful exit.  Between requests we leave at
-    # once; during one, after its response is sent.
+    # once; during one (from its BEGIN_REQUEST on), after its response is sent.
     def handle_sigterm(self, signum, frame) -> None:
         self.stopping = True
         if not self.busy:
@@ -230,15 +254,22 @@ class Worker:
             except (ConnectionError, fastcgi.ProtocolError) as exc:
                 log(f"connection ended: {type(exc).__name__}: {exc}")
             finally:
+                # Whatever ended the connection, its request is gone: a
+                # later SIGTERM must not wait for it.
+                self.busy = False
                 conn.close()
 
     def serve_connection(self, conn: socket.socket) -> None:
         connection = fastcgi.AppConnection()
         body = None
+        body_size = 0
         params = None
         while True:
             data = conn.recv(RECV_SIZE)
             if not data:
+                if connection.request_id is not None:
+                    log(f"connection ended: closed by the web server inside request "
+                        f"{connection.request_id}")
                 return
             self.busy = True
             events = connection.receive_data(data)
@@ -252,10 +283,18 @@ class Worker:
                         continue  # a stray record after the body's end
                     if event.data:
                         body.write(event.data)
+                        body_size += len(event.data)
                         continue
+                    if params is None:
+                        # The codec passes STDIN on as it comes; without the
+                        # params there is no request to run.
+                        raise fastcgi.ProtocolError("STDIN ended before the PARAMS stream")
                     body.seek(0)
-                    if not self.run_request(conn, connection, params, body):
-                        return  # the response was cut short: drop the connection
+                    try:
+                        if not self.run_request(conn, connection, params, body, body_size):
+                            return  # the response was cut short: drop the connection
+                    finally:
+                        body.close()  # a spooled body's temporary file goes now
                     body = None
                     if not connection.keep_conn or self.stopping:
                         return
@@ -263,25 +302,39 @@ class Worker:
                     params = event.params
                 elif kind is BeginRequest:
                     body = tempfile.SpooledTemporaryFile(SPOOL_THRESHOLD)
+                    body_size = 0
+                    params = None  # never the previous request's, on a kept connection
                 elif kind is AbortRequest:
+                    if connection.request_id is None:
+                        # Read in the same batch as the body's end, so the
+                        # request has run and ended already: nothing to abort.
+                        continue
                     # Aborted before the app ran: nothing to stop, just end it.
                     conn.sendall(connection.finish())
+                    body.close()
                     body = None
                     if not connection.keep_conn:
                         return
-            self.busy = False
-            if self.stopping:
+            # Busy until the request's END_REQUEST, even while its params or
+            # body are still on the way: SIGTERM must not drop it half-read.
+            self.busy = connection.request_id is not None
+            if self.stopping and not self.busy:
                 return
 
-    def run_request(self, conn, connection, params, body) -> bool:
+    def run_request(self, conn, connection, params, body, body_size: int) -> bool:
         """Call the app for one request; False if the response was cut short."""
         rid = connection.request_id
-        environ = build_environ(params, body, self.mount)
+        environ = build_environ(params, body, body_size, self.mount)
         if environ is None:
-            response = Response(conn, rid, True)
-            response.start_response("404 Not Found", [("Content-Type", "text/plain")])
-            response.write(b"Not Found: outside this app's mount prefix\n")
-            response.finish(connection)
+            send_plain(conn, connection, "404 Not Found",
+                       b"Not Found: outside this app's mount prefix\n")
+            return True
+        if not environ.get("REQUEST_METHOD"):
+            # CGI requires it and every app reads it; the web server is
+            # misconfigured (fastcgi_params not included?).
+            log(f"request {environ.get('REQUEST_URI', '-')} without REQUEST_METHOD: 400")
+            send_plain(conn, connection, "400 Bad Request",
+                       b"Bad Request: no REQUEST_METHOD from the web server\n")
             return True
         response = Response(conn, rid, environ["REQUEST_METHOD"] != "HEAD")
         result = None
@@ -294,7 +347,10 @@ class Worker:
         except Exception:
             log_request_error(environ)
             if response.head_sent:
-                return False  # too late for a 500: abort, the front closes the client
+                # Too late for a 500: send what the app gave (so the one
+                # head goes out), then abort; the front closes the client.
+                response.flush()
+                return False
             response.start_response(
                 "500 Internal Server Error",
                 [("Content-Type", "text/plain; charset=utf-8")], sys.exc_info())
@@ -310,6 +366,14 @@ class Worker:
         return True
 
 
+def send_plain(conn, connection: fastcgi.AppConnection, status: str, text: bytes) -> None:
+    """A short text/plain answer of the worker's own, not the app's."""
+    response = Response(conn, connection.request_id, True)
+    response.start_response(status, [("Content-Type", "text/plain")])
+    response.write(text)
+    response.finish(connection)
+
+
 def log(message: str) -> None:
     sys.stderr.write(f"[worker {os.getpid()}] {message}\n")
     sys.stderr.flush()
@@ -320,9 +384,10 @@ def log_request_error(environ) -> None:
     log(f"error in app for {line}:\n{traceback.format_exc().rstrip()}")
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to end us if the supervisor dies, even by SIGKILL."""
-    parent = os.getppid()
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to end us if the supervisor (pid `parent`) dies, even
+    by SIGKILL.  The pid comes from the supervisor: read here, it could
+    already be init's if the supervisor died while we were starting."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -355,11 +420,11 @@ def main(argv=None) -> int:
     parser.add_argument("--mount", default="", help="URL prefix the app is mounted at")
     parser.add_argument("--bind", help="listen here (unix:PATH or HOST:PORT) "
                         "instead of on file descriptor 0")
-    parser.add_argument("--with-parent", action="store_true",
-                        help="exit when the process that started us dies")
+    parser.add_argument("--parent", type=int, metavar="PID",
+                        help="exit when this process (the one that started us) dies")
     args = parser.parse_args(argv)
-    if args.with_parent:
-        die_with_parent()
+    if args.parent:
+        die_with_parent(args.parent)
     # Ctrl-C in a terminal reaches the whole process group; the supervisor
     # decides how workers stop, so a worker ignores SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -369,10 +434,12 @@ def main(argv=None) -> int:
         log(f"cannot load the app {args.app!r}: {exc}")
         return EXIT_APP_LOAD_ERROR
     listener = make_listener(args.bind)
-    if args.bind:
-        log(f"listening on {args.bind}")
     worker = Worker(app, args.mount)
     signal.signal(signal.SIGTERM, worker.handle_sigterm)
+    if args.bind:
+        # Last, as the readiness line: a SIGTERM sent as soon as it is seen
+        # must find our handler, not the default action.
+        log(f"listening on {args.bind}")
     try:
         worker.serve_forever(listener)
     except SystemExit as exc:

@@ -8,7 +8,6 @@ ready; nothing here sleeps to wait for a server.
 from __future__ import annotations
 
 import os
-import queue
 import re
 import shutil
 import signal
@@ -40,7 +39,8 @@ class ServerProcess:
         full_env.update(env or {})
         full_env["PYTHONPATH"] = str(ROOT)
         self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._changed = threading.Condition()
+        self._ended = False
         self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      stdin=subprocess.DEVNULL, env=full_env, text=True,
                                      errors="replace")
@@ -51,34 +51,33 @@ class ServerProcess:
 
     def _read(self) -> None:
         for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            self._queue.put(line)
-        self._queue.put(None)
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
 
     @property
     def log(self) -> str:
         return "\n".join(self.lines)
 
-    def wait_for(self, pattern: str, timeout: float = 60.0) -> str:
-        """The first log line (seen or to come) matching `pattern`."""
+    def wait_for(self, pattern: str, timeout: float = 60.0, count: int = 1) -> str:
+        """The `count`-th log line (seen or to come) matching `pattern`."""
         regex = re.compile(pattern)
-        for line in list(self.lines):
-            if regex.search(line):
-                return line
         deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no log line matching {pattern!r}; log so far:\n{self.log}")
-            try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise RuntimeError(f"server exited ({self.proc.wait()}) before "
-                                   f"{pattern!r}; log:\n{self.log}")
-            if regex.search(line):
-                return line
+        with self._changed:
+            while True:
+                found = [line for line in self.lines if regex.search(line)]
+                if len(found) >= count:
+                    return found[count - 1]
+                if self._ended:
+                    raise RuntimeError(f"server exited ({self.proc.wait()}) before "
+                                       f"{pattern!r}; log:\n{self.log}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no log line matching {pattern!r}; log so far:\n{self.log}")
+                self._changed.wait(remaining)
 
     def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
         line = self.wait_for(r"listening on ", timeout)
@@ -99,8 +98,11 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        # Workers that outlive the supervisor keep the log pipe open; closing
+        # it under the reader thread would block, so leave it to the reader.
         self._reader.join(5)
-        self.proc.stderr.close()
+        if not self._reader.is_alive():
+            self.proc.stderr.close()
 
     def worker_pids(self) -> list[int]:
         return children_of(self.proc.pid)

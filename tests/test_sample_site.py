@@ -13,7 +13,7 @@ import time
 
 import requests
 
-from tests.harness import SAMPLE, ServerProcess, children_of, copy_app
+from tests.harness import SAMPLE, ServerProcess, copy_app
 
 
 def test_home_page_and_its_css_from_the_front(sample_server):
@@ -113,7 +113,7 @@ def test_killed_worker_is_replaced_and_nothing_fails(sample_server):
     for _ in range(20):
         assert requests.get(sample_server.url + "/bench/time", timeout=10).status_code == 200
     sample_server.wait_for(rf"worker pid {victim} .*exited unexpectedly \(killed by SIGKILL\)")
-    sample_server.wait_for(r"spawned worker pid (?!%d)" % victim)
+    sample_server.wait_for(rf"spawned worker pid (?!{victim})")
     line = sample_server.wait_for(r"worker pid \d+ ready", timeout=30)
     assert line
     deadline = time.monotonic() + 30

@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 import pytest
 
-from corral import fastcgi, worker as engine
+from corral import fastcgi
+from corral import worker as engine
 from corral.fastcgi import ProtocolStatus, RecordType, ServerConnection
 from tests.harness import FastCGIClient, WorkerProcess, cgi_params, is_closed
 
@@ -409,6 +410,25 @@ def test_get_values_is_answered_on_a_kept_connection_between_requests(worker):
     assert ask(client, "/pid").status == 200
     assert values(client)[b"FCGI_MPXS_CONNS"] == b"0"
     assert ask(client, "/pid").status == 200
+    client.close()
+
+
+def test_abort_while_the_body_arrives_ends_the_request_and_the_connection_serves_on(worker):
+    client = FastCGIClient(worker.path)
+    client.send(request_bytes("/digest", "POST", b"a", end_body=False, CONTENT_LENGTH="2")
+                + ServerConnection.abort_request(1))
+    stdout, _, end = client.read_response()
+    assert (end.request_id, stdout) == (1, b"")
+    assert end.protocol_status == ProtocolStatus.REQUEST_COMPLETE
+    assert ask(client, "/pid").status == 200
+    client.close()
+
+
+def test_abort_read_together_with_the_body_end_does_not_kill_the_worker(worker):  # K17
+    client = FastCGIClient(worker.path)
+    client.send(request_bytes("/pid") + ServerConnection.abort_request(1))
+    client.read_response()  # served, or ended by the abort: either is a clean end
+    assert ask(client, "/pid").body == str(worker.proc.pid).encode()
     client.close()
 
 

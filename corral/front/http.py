@@ -20,8 +20,15 @@ from urllib.parse import unquote_to_bytes
 import httptools
 
 from corral.front.errors import (
-    BadRequest, BodyTooLarge, GatewayError, HeadTooLarge, HTTPError,
-    NotImplementedCoding, Unavailable, URITooLong)
+    BadRequest,
+    BodyTooLarge,
+    GatewayError,
+    HeadTooLarge,
+    HTTPError,
+    NotImplementedCoding,
+    Unavailable,
+    URITooLong,
+)
 
 log = logging.getLogger("corral.error")
 
@@ -31,6 +38,9 @@ WRITE_HIGH_WATER = 1 << 20  # response bytes buffered per client before backpres
 MAX_PIPELINED = 16  # parsed requests waiting behind the one being answered
 
 _NO_BODY_STATUS = frozenset((204, 304))
+# Methods that may be sent to a second worker when the first died before
+# answering anything (RFC 9110 9.2.2: repeating them changes nothing).
+_RETRYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS"))
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding",
                          b"te", b"trailer", b"upgrade", b"proxy-connection"))
 _date_cache = [0.0, b""]
@@ -67,7 +77,7 @@ class Request:
     __slots__ = ("method", "target", "version", "headers", "body", "body_size",
                  "keep_alive", "host", "path", "query", "chunked", "started",
                  "expect_continue", "content_length", "head_size", "status",
-                 "sent", "worker_pid", "error")
+                 "sent", "worker_pid", "error", "retried")
 
     def __init__(self) -> None:
         self.target = b""
@@ -84,6 +94,7 @@ class Request:
         self.sent = 0
         self.worker_pid = None
         self.error = ""  # why the front answered with an error, for the log
+        self.retried = False
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -306,7 +317,8 @@ class HttpConnection(asyncio.Protocol):
             if codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
                 raise BadRequest("Transfer-Encoding does not end in chunked")
             if codings != [b"chunked"]:
-                raise NotImplementedCoding(f"unsupported transfer coding in {te.decode('latin-1')!r}")
+                raise NotImplementedCoding(
+                    f"unsupported transfer coding in {te.decode('latin-1')!r}")
             request.chunked = True
         if request.content_length is not None and request.content_length > self.limits["max_body"]:
             raise BodyTooLarge(f"request body over {self.limits['max_body']} bytes")
@@ -363,13 +375,16 @@ class HttpConnection(asyncio.Protocol):
             self.arm("idle", self.limits["keepalive_timeout"])
 
     def write_head(self, request: Request, status: int, reason: bytes,
-                   headers, length: int | None) -> None:
+                   headers, length: int | None, body: bytes = b"") -> None:
         """Serialize the status line and headers; choose the body framing.
 
         `length` is the body length when known; otherwise the app's own
         Content-Length is used, or chunked for HTTP/1.1, or close-delimited.
+        A whole `body` given here leaves in the same write as the head.
         """
         request.status = status
+        if self.server.stopping:
+            self.keep_alive = False  # a stopping server says so on every response
         no_body = request.method == b"HEAD" or status in _NO_BODY_STATUS or status < 200
         self.body_expected = not no_body
         out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
@@ -403,6 +418,9 @@ class HttpConnection(asyncio.Protocol):
         elif request.version == "1.0":
             out.append(b"Connection: keep-alive\r\n")
         out.append(b"\r\n")
+        if body and not no_body:
+            out.append(body)
+            request.sent += len(body)
         self.transport.write(b"".join(out))
 
     def write_body(self, data: bytes) -> None:
@@ -421,10 +439,10 @@ class HttpConnection(asyncio.Protocol):
 
     def respond(self, status: int, reason: bytes, headers, body: bytes) -> None:
         """A whole response at once (static files, error pages, small app replies)."""
-        self.write_head(self.current, status, reason, headers, len(body))
-        if self.body_expected and body and not self.lost:
-            self.current.sent += len(body)
-            self.transport.write(body)
+        if self.lost:
+            self.finish()
+            return
+        self.write_head(self.current, status, reason, headers, len(body), body)
         self.finish()
 
     def respond_error(self, error: HTTPError) -> None:
@@ -483,6 +501,24 @@ class HttpConnection(asyncio.Protocol):
 
     def upstream_end(self) -> None:
         self.end_body()
+
+    def upstream_retry(self, error: GatewayError) -> None:
+        """The worker died before answering a byte (killed while idle, say):
+        an idempotent request goes once more to another worker; any other
+        gets the error, since the dead worker may have acted on it."""
+        request = self.current
+        if self.lost or request is None:
+            return
+        if request.method not in _RETRYABLE or request.retried:
+            self.upstream_failed(error)
+            return
+        request.retried = True
+        self.link = None
+        log.warning("%s; sending %s %s to another worker", error.reason,
+                    request.method.decode("latin-1"), request.target.decode("latin-1"))
+        if request.body is not None and not isinstance(request.body, bytearray):
+            request.body.seek(0)
+        self.server.dispatch(self, request)
 
     def upstream_failed(self, error: GatewayError) -> None:
         if self.lost or self.current is None:

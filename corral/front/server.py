@@ -6,14 +6,13 @@ graceful stop.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 import time
 
 from corral.config import AppConfig, Bind
 from corral.front import static
-from corral.front.errors import BadRequest, HTTPError
+from corral.front.errors import HTTPError
 from corral.front.http import HttpConnection, Request
 from corral.front.static import StaticMapping
 
@@ -63,6 +62,9 @@ class AccessLog:
             f'{conn.peer[0] or "-"} - - [{self._stamp}] "{line.translate(_ESCAPE)}" '
             f'{request.status or "-"} {request.sent or "-"} "{_field(referer)}" '
             f'"{_field(agent)}"\n')
+
+
+_ALLOW_ALL = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 def _cgi_name(name: bytes) -> bytes:
@@ -125,14 +127,17 @@ class Front:
             conn.respond_error(HTTPError("not under any app or static mapping", 404))
             return
         if path == b"*":
-            conn.respond(200, b"OK", [(b"Allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")], b"")
+            conn.respond(200, b"OK", [(b"Allow", _ALLOW_ALL)], b"")
             return
         self.dispatch(conn, request)
 
     def params(self, conn: HttpConnection, request: Request) -> list[tuple[bytes, bytes]]:
         """The CGI/FastCGI params for `request` (RFC 3875 4.1)."""
         host = request.host
-        server_name, _, server_port = host.rpartition(b":") if host.rfind(b":") > host.rfind(b"]") else (host, b"", b"")
+        if host.rfind(b":") > host.rfind(b"]"):  # a port, not part of an IPv6 literal
+            server_name, _, server_port = host.rpartition(b":")
+        else:
+            server_name, server_port = host, b""
         local = conn.transport.get_extra_info("sockname")
         if not server_port:
             server_port = str(local[1]).encode() if isinstance(local, tuple) else b"80"
@@ -181,23 +186,22 @@ class Front:
             request.worker_pid = link.worker.pid
             link.start(params, body, conn)
             return
-        asyncio.get_running_loop().create_task(self._dispatch_queued(conn, request, params, body))
 
-    async def _dispatch_queued(self, conn, request, params, body) -> None:
-        try:
-            link = await self.pool.acquire()
-        except HTTPError as exc:
-            if not conn.lost:
-                log.warning("503 for %s %s: %s", request.method.decode("latin-1"),
-                            request.target.decode("latin-1"), exc.reason)
-                conn.respond_error(exc)
-            return
-        if conn.lost:
-            self.pool.release(link)
-            return
-        conn.link = link
-        request.worker_pid = link.worker.pid
-        link.start(params, body, conn)
+        def granted(link, error) -> None:
+            if error is not None:
+                if not conn.lost:
+                    log.warning("503 for %s %s: %s", request.method.decode("latin-1"),
+                                request.target.decode("latin-1"), error.reason)
+                    conn.respond_error(error)
+                return
+            if conn.lost:
+                self.pool.release(link)
+                return
+            conn.link = link
+            request.worker_pid = link.worker.pid
+            link.start(params, body, conn)
+
+        self.pool.wait_for_link(granted)
 
     def log_access(self, conn: HttpConnection, request: Request) -> None:
         self.access.write(conn, request)

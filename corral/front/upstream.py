@@ -76,6 +76,7 @@ class Link(asyncio.Protocol):
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.head = bytearray()
         self.head_done = False
+        self.answered = False  # the worker sent anything for the current request
         self.closed = False
         self._drained: asyncio.Future | None = None
         self._probe: socket.socket | None = None
@@ -118,6 +119,8 @@ class Link(asyncio.Protocol):
             self.fail(GatewayError(f"worker broke the FastCGI protocol: {exc}"))
             return
         handler = self.handler
+        if handler is not None and events:
+            self.answered = True
         body = []
         started = False  # the head became complete in this batch
         for event in events:
@@ -168,9 +171,8 @@ class Link(asyncio.Protocol):
                 text = event.data.decode("utf-8", "replace").rstrip()
                 if text:
                     log.warning("worker pid %s stderr: %s", self.worker.pid, text)
-            elif kind is ValuesResult:
-                if not self.ready.done():
-                    self.ready.set_result(event.values)
+            elif kind is ValuesResult and not self.ready.done():
+                self.ready.set_result(event.values)
         if handler is None:
             return
         if started:
@@ -200,6 +202,7 @@ class Link(asyncio.Protocol):
     def start(self, params, body, handler) -> None:
         """Send one request; `body` is bytes or a file positioned at its start."""
         self.handler = handler
+        self.answered = False
         head = ServerConnection.begin_request(REQUEST_ID, params)
         if isinstance(body, (bytes, bytearray)):
             if body:
@@ -252,3 +255,4 @@ class _Discard:
     def upstream_body(self, data) -> None: pass
     def upstream_end(self) -> None: pass
     def upstream_failed(self, error) -> None: pass
+    def upstream_retry(self, error) -> None: pass

@@ -1,0 +1,156 @@
+"""Starting and stopping: the deploy step (success, failure, requests held
+while it runs), graceful stop on SIGTERM and SIGINT, and no process left
+behind whatever happens to the supervisor or a worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.conftest import cases_config
+from tests.harness import (
+    APPS,
+    ServerProcess,
+    children_of,
+    connect,
+    copy_app,
+    read_response,
+    request,
+)
+
+
+def cases_app(tmp_path, processes=2, server="", extra=""):
+    app = copy_app(APPS / "cases", tmp_path / "cases")
+    (app / "public").mkdir()
+    (app / "corral.toml").write_text(cases_config(app, processes, server) + extra)
+    return app
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def get(port: int, path: bytes) -> tuple[int, dict, bytes, bytes]:
+    return request(port, b"GET " + path + b" HTTP/1.1\r\nHost: a\r\n\r\n", timeout=30)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_lets_in_flight_requests_finish(tmp_path, sig):  # K23
+    server = ServerProcess(cases_app(tmp_path)).wait_ready()
+    workers = server.worker_pids()
+    results = []
+    idle = connect(server.port)
+    idle.sendall(b"GET /pid HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert read_response(idle)[0] == 200  # now an idle keep-alive connection
+    socks = [connect(server.port, timeout=30) for _ in range(2)]
+    for sock in socks:
+        sock.sendall(b"GET /slow-logged?2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    readers = [threading.Thread(target=lambda s=s: results.append(read_response(s)))
+               for s in socks]
+    for t in readers:
+        t.start()
+    server.wait_for(r"SLOW STARTED", count=2)  # both requests are in the workers
+    server.proc.send_signal(sig)
+    server.wait_for(r"stopping gracefully")
+    for t in readers:
+        t.join(30)
+    assert [r[0] for r in results] == [200, 200]
+    assert all(r[1].get("connection") == "close" for r in results)
+    assert all(r[2] == b"slept 2\n" for r in results)
+    assert idle.recv(1) == b""  # idle connections are closed, not kept
+    assert server.stop() == 0
+    assert not any(alive(pid) for pid in workers)
+    for sock in socks + [idle]:
+        sock.close()
+
+
+def test_killed_supervisor_takes_its_workers_along(tmp_path):  # K24
+    server = ServerProcess(cases_app(tmp_path)).wait_ready()
+    workers = server.worker_pids()
+    assert len(workers) == 2
+    server.kill()  # SIGKILL: no chance to clean up
+    # The workers are not our children: watch /proc for their end.
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "workers outlived a SIGKILLed supervisor"
+        time.sleep(0.05)
+
+
+def test_killed_workers_are_reaped_and_replaced(tmp_path):  # K24
+    server = ServerProcess(cases_app(tmp_path)).wait_ready()
+    try:
+        first = server.worker_pids()
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        for pid in first:
+            server.wait_for(rf"worker pid {pid} .*killed by SIGKILL")
+        assert get(server.port, b"/pid")[0] == 200
+        deadline = time.monotonic() + 20
+        while True:
+            now = children_of(server.proc.pid)
+            if len(now) == 2 and not set(now) & set(first):
+                break
+            assert time.monotonic() < deadline, now
+            time.sleep(0.05)
+        # No zombies: every child of the supervisor is a live worker.
+        with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+            listed = [int(p) for p in f.read().split()]
+        assert all(alive(p) for p in listed)
+    finally:
+        assert server.stop() == 0
+
+
+def test_failed_deploy_step_answers_503_and_says_so(tmp_path):
+    app = cases_app(tmp_path, extra='[deploy]\nfile = "deploy.py"\n')
+    (app / "deploy.py").write_text("import sys\nprint('migrating...')\nsys.exit(3)\n")
+    server = ServerProcess(app).wait_ready()
+    try:
+        assert "FAILED (exit status 3" in server.log
+        status, headers, body, _ = get(server.port, b"/pid")
+        assert status == 503 and headers["retry-after"]
+        assert b"unavailable" in body.lower() and b"exit status" not in body
+        log = (app / "log" / "deploy.log").read_text()
+        assert "migrating..." in log
+        assert "deploy step finished: exit status 3" in log
+    finally:
+        assert server.stop() == 0
+
+
+def test_requests_wait_for_the_deploy_step_then_get_503(tmp_path):
+    app = cases_app(tmp_path, extra='[deploy]\nfile = "deploy.py"\nhold = 0.5\n')
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    (app / "deploy.py").write_text(f"print('waiting'); open({str(gate)!r}).read(); print('done')\n")
+    server = ServerProcess(app)
+    try:
+        server.port = int(server.wait_for(r"listening on ").rsplit(":", 1)[1])
+        status, headers, body, _ = get(server.port, b"/pid")
+        assert status == 503
+        assert headers["retry-after"] == "10"
+        assert b"Deployment in progress" in body
+        with open(gate, "w") as f:
+            f.write("go")
+        server.wait_for(r"INFO ready: ")
+        assert get(server.port, b"/pid")[0] == 200
+    finally:
+        server.stop()
+
+
+def test_deploy_step_runs_in_the_apps_folder_and_environment(tmp_path):
+    app = cases_app(tmp_path, extra='[deploy]\ncommand = ["python", "-c", '
+                    '"import os; print(os.getcwd(), os.environ[\'CASES_CALL_LOG\'])"]\n')
+    server = ServerProcess(app).wait_ready()
+    try:
+        log = (app / "log" / "deploy.log").read_text()
+        assert f"{app} {app / 'calls.log'}" in log
+        assert "exit status 0" in log
+    finally:
+        server.stop()
