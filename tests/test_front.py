@@ -336,6 +336,18 @@ def test_static_refuses_what_it_must_not_serve(cases_server, target):
     assert b"wsgi" not in body and b"dotfile" not in body
 
 
+def test_large_static_file_is_sent_whole_and_the_connection_serves_on(cases_server):
+    data = os.urandom(3 * 1024 * 1024 + 17)  # past the read-at-once size: sendfile
+    (cases_server.app_dir / "public" / "big.bin").write_bytes(data)
+    with connect(cases_server.port) as sock:
+        sock.sendall(b"GET /files/big.bin HTTP/1.1\r\nHost: a\r\n\r\n"
+                     b"GET /files/hello.txt HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, headers, body, _ = read_response(sock)
+        assert status == 200 and headers["content-length"] == str(len(data))
+        assert body == data
+        assert read_response(sock)[2] == b"hello static\n"
+
+
 def test_static_is_read_only(cases_server):
     status, headers, _, _ = request(cases_server.port, b"POST /files/hello.txt HTTP/1.1\r\n"
                                     b"Host: a\r\nContent-Length: 0\r\n\r\n")
