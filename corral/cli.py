@@ -39,7 +39,8 @@ def cmd_serve(args) -> int:
     overrides = {}
     if args.bind:
         try:
-            Bind.parse(args.bind)
+            for text in args.bind:
+                Bind.parse(text)
         except ValueError as exc:
             print(f"corral: --bind: {exc}", file=sys.stderr)
             return 2
@@ -51,6 +52,22 @@ def cmd_serve(args) -> int:
         return 2
     setup_logging(args.log_level)
     return run(Server(config).run())
+
+
+def cmd_nginx_config(args) -> int:
+    from corral.nginx import render
+    try:
+        config = load(args.path)
+        text = render(config, listen=args.listen, server_name=args.server_name,
+                      upstreams=args.upstream)
+    except ConfigError as exc:
+        print(f"corral: config error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"corral: --upstream: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,11 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("path", nargs="?", default=".", metavar="PATH",
                        help="the app folder (default: the current folder)")
     bind = BY_NAME[("server", "bind")]
-    serve.add_argument(bind.cli, metavar="HOST:PORT", help=bind.help)
+    serve.add_argument(bind.cli, metavar="ADDRESS", action="append", help=bind.help)
     serve.add_argument("--log-level", default="INFO",
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                        help="error-log level (default INFO)")
     serve.set_defaults(func=cmd_serve)
+
+    nginx = commands.add_parser(
+        "nginx-config", help="print an nginx configuration for the app in PATH",
+        description="Print an nginx upstream and server block for the app in PATH: "
+        "static mappings served by nginx, the rest passed to corral over FastCGI.")
+    nginx.add_argument("path", nargs="?", default=".", metavar="PATH",
+                       help="the app folder (default: the current folder)")
+    nginx.add_argument("--listen", default="80",
+                       help="nginx's listen directive (default 80)")
+    nginx.add_argument("--server-name", default="_", help="nginx's server_name (default _)")
+    nginx.add_argument("--upstream", action="append", metavar="ADDRESS",
+                       help="where nginx sends requests: unix:PATH or HOST:PORT; repeat "
+                       "for several (e.g. each standalone worker's socket). Default: the "
+                       "app's fastcgi+ bind, else unix:/run/corral/APP.sock")
+    nginx.set_defaults(func=cmd_nginx_config)
     return parser
 
 

@@ -28,25 +28,39 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Bind:
-    """A listening address: TCP host and port, or a unix socket path."""
+    """A listening address of the front: TCP host and port, or a unix socket
+    path, speaking HTTP (the default) or FastCGI (to a web server in front)."""
     host: str = "127.0.0.1"
     port: int = 8000
     path: str | None = None
+    protocol: str = "http"  # or "fastcgi"
+
+    FORMS = ('"HOST:PORT", "unix:PATH", "fastcgi+unix:PATH" or "fastcgi+tcp:HOST:PORT"')
 
     @classmethod
     def parse(cls, text: str) -> Bind:
+        protocol = "http"
+        if text.startswith("fastcgi+"):
+            protocol, text = "fastcgi", text[len("fastcgi+"):]
+            text = text.removeprefix("tcp:")
+        elif text.startswith("http+"):
+            text = text[len("http+"):].removeprefix("tcp:")
         if text.startswith("unix:"):
-            return cls(path=text[5:])
+            if not text[5:]:
+                raise ValueError("unix: needs a socket path")
+            return cls(path=text[5:], protocol=protocol)
         match = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", text)
         if not match or int(match.group(2)) > 65535:
-            raise ValueError(f"{text!r} is not HOST:PORT or unix:PATH")
-        return cls(host=match.group(1) or "127.0.0.1", port=int(match.group(2)))
+            raise ValueError(f"{text!r} is not one of {cls.FORMS}")
+        return cls(host=match.group(1) or "127.0.0.1", port=int(match.group(2)),
+                   protocol=protocol)
 
     def __str__(self) -> str:
+        prefix = "fastcgi+" if self.protocol == "fastcgi" else ""
         if self.path:
-            return f"unix:{self.path}"
+            return f"{prefix}unix:{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return f"{prefix}{'tcp:' if prefix else ''}{host}:{self.port}"
 
 
 @dataclass
@@ -93,11 +107,14 @@ def _check(setting: Setting, value, file: Path):
         "bool": isinstance(value, bool),
         "command": isinstance(value, list) and bool(value)
                    and all(isinstance(v, str) for v in value),
+        "addresses": isinstance(value, str) or (
+            isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)),
     }[kind]
     if not ok:
         wanted = {"str": "a string", "int": "an integer", "float": "a number",
                   "bool": "true or false",
-                  "command": "a non-empty list of strings"}[kind]
+                  "command": "a non-empty list of strings",
+                  "addresses": "an address or a list of addresses"}[kind]
         raise ConfigError(file, setting.name, f"expected {wanted}, got {value!r}",
                           f"set {setting.key} to {wanted} ({setting.help})")
     if setting.minimum is not None and value < setting.minimum:
@@ -248,11 +265,13 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
     static.sort(key=lambda item: -len(item[0]))  # longest prefix first
 
     server = {key: get("server", key) for (section, key) in BY_NAME if section == "server"}
+    binds = server["bind"]
     try:
-        server["bind"] = Bind.parse(server["bind"])
+        server["bind"] = [Bind.parse(text) for text in
+                          ([binds] if isinstance(binds, str) else binds)]
     except ValueError as exc:
         raise ConfigError(source, "[server] bind", str(exc),
-                          'use "127.0.0.1:8000", "[::]:8000" or "unix:/path/to.sock"') from None
+                          f"use {Bind.FORMS}, e.g. \"127.0.0.1:8000\"") from None
 
     return AppConfig(
         root=root, config_file=config_file, wsgi=wsgi,

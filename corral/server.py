@@ -40,12 +40,14 @@ class Server:
         pool = Pool(self.config, run_dir)
         front = Front(self.config, pool)
         try:
-            try:
-                await front.start(self.config.server["bind"])
-            except OSError as exc:
-                log.error("cannot listen on %s: %s. Fix: choose another address with "
-                          "--bind or [server] bind", self.config.server["bind"], exc.strerror)
-                return EXIT_CONFIG
+            for bind in self.config.server["bind"]:
+                try:
+                    await front.start(bind)
+                except OSError as exc:
+                    log.error("cannot listen on %s: %s. Fix: choose another address with "
+                              "--bind or [server] bind", bind, exc.strerror)
+                    front.close_listeners()
+                    return EXIT_CONFIG
             log.info("listening on %s", ", ".join(front.addresses))
             return await self._serve(pool, front)
         finally:

@@ -16,7 +16,7 @@ from typing import Any
 class Setting:
     section: str
     key: str
-    kind: str  # str, int, float, bool, command, path
+    kind: str  # str, int, float, bool, command, addresses
     default: Any
     help: str
     minimum: float | None = None
@@ -64,8 +64,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a request may wait for a running deploy step before it "
             "gets 503 with Retry-After.", minimum=0),
     # [server]
-    Setting("server", "bind", "str", "127.0.0.1:8000",
-            "Address of the HTTP front: `HOST:PORT` (port 0 picks a free port).",
+    Setting("server", "bind", "addresses", "127.0.0.1:8000",
+            "Where the front listens: one address or a list. `HOST:PORT` or "
+            "`unix:PATH` speak HTTP (port 0 picks a free port); "
+            "`fastcgi+unix:PATH` or `fastcgi+tcp:HOST:PORT` take FastCGI from a "
+            "web server in front (nginx, Apache). Repeat `--bind` for several.",
             cli="--bind"),
     Setting("server", "access_log", "str", "-",
             "Where the access log (Apache combined format) goes: a file, `-` for "

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from corral import settings
-from corral.config import ConfigError, load
+from corral.config import Bind, ConfigError, load
 from tests.harness import APPS, ROOT, SAMPLE, ServerProcess, copy_app
 
 
@@ -73,7 +73,7 @@ def test_defaults(tmp_path):
     config = load(tmp_path)
     assert config.processes == 2
     assert config.mount == ""
-    assert str(config.server["bind"]) == "127.0.0.1:8000"
+    assert [str(b) for b in config.server["bind"]] == ["127.0.0.1:8000"]
     assert config.deploy.argv is None
     assert config.env["PYTHONPATH"] == str(tmp_path)
 
@@ -101,6 +101,24 @@ def test_folder_without_an_app(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "no corral.toml and no manage.py" in result.stderr
+
+
+@pytest.mark.parametrize("text, protocol, shown", [
+    ("127.0.0.1:0", "http", "127.0.0.1:0"),
+    ("[::1]:8080", "http", "[::1]:8080"),
+    ("unix:/run/a.sock", "http", "unix:/run/a.sock"),
+    ("fastcgi+unix:/run/a.sock", "fastcgi", "fastcgi+unix:/run/a.sock"),
+    ("fastcgi+tcp:127.0.0.1:9000", "fastcgi", "fastcgi+tcp:127.0.0.1:9000"),
+])
+def test_bind_forms(text, protocol, shown):
+    bind = Bind.parse(text)
+    assert (bind.protocol, str(bind)) == (protocol, shown)
+
+
+@pytest.mark.parametrize("text", ["localhost", "fastcgi+unix:", "fastcgi+tcp:x", ":99999"])
+def test_bad_bind_forms_are_refused(text):
+    with pytest.raises(ValueError):
+        Bind.parse(text)
 
 
 def test_bind_flag_is_checked():

@@ -487,6 +487,14 @@ class HttpConnection(asyncio.Protocol):
 
     # -- the upstream handler interface (see corral.front.upstream.Link) ------
 
+    def attach(self, link) -> None:
+        self.link = link
+        self.current.worker_pid = link.worker.pid
+
+    def describe(self) -> str:
+        request = self.current
+        return f"{request.method.decode('latin-1')} {request.target.decode('latin-1')}"
+
     def upstream_head(self, status, reason, headers) -> None:
         if not self.lost:
             self.write_head(self.current, status, reason, headers, None)

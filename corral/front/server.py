@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
+import os
+import stat
 import time
 
 from corral.config import AppConfig, Bind
 from corral.front import static
 from corral.front.errors import HTTPError
+from corral.front.fcgi_listener import FastCGIListenerConnection
 from corral.front.http import HttpConnection, Request
 from corral.front.static import StaticMapping
 
@@ -89,22 +91,30 @@ class Front:
         self.requests_seen = 0
         self.addresses: list[str] = []
 
-    async def start(self, bind: Bind, sock: socket.socket | None = None) -> None:
+    async def start(self, bind: Bind) -> None:
+        """Listen on `bind`, for HTTP clients or for a web server's FastCGI."""
         loop = asyncio.get_running_loop()
-        factory = lambda: HttpConnection(self)  # noqa: E731
+        if bind.protocol == "fastcgi":
+            factory = lambda: FastCGIListenerConnection(self)  # noqa: E731
+        else:
+            factory = lambda: HttpConnection(self)  # noqa: E731
         if bind.path:
+            if os.path.exists(bind.path) and stat.S_ISSOCK(os.stat(bind.path).st_mode):
+                os.unlink(bind.path)  # a stale socket of an earlier run
             server = await loop.create_unix_server(factory, bind.path, backlog=1024)
         else:
             server = await loop.create_server(factory, bind.host, bind.port,
                                               backlog=1024, reuse_address=True)
         self.servers.append(server)
+        scheme = "fastcgi+" if bind.protocol == "fastcgi" else ""
         for s in server.sockets:
             name = s.getsockname()
             if isinstance(name, tuple):
                 host = f"[{name[0]}]" if ":" in name[0] else name[0]
-                self.addresses.append(f"http://{host}:{name[1]}")
+                self.addresses.append(f"{scheme or 'http://'}{'tcp:' if scheme else ''}"
+                                      f"{host}:{name[1]}")
             else:
-                self.addresses.append(f"unix:{name}")
+                self.addresses.append(f"{scheme}unix:{name}")
 
     # -- routing -------------------------------------------------------------
 
@@ -178,28 +188,34 @@ class Front:
         return params
 
     def dispatch(self, conn: HttpConnection, request: Request) -> None:
-        params = self.params(conn, request)
         body = request.body if request.body is not None else b""
+        self.to_pool(conn, self.params(conn, request), body)
+
+    def to_pool(self, handler, params, body) -> None:
+        """Send one request to a free worker, or queue it for the next.
+
+        `handler` is the client side (an HTTP connection, or a web server's
+        FastCGI connection): it is given the link with attach(), then the
+        response through the upstream_* calls, or the 503 that ends a wait
+        through respond_error().
+        """
         link = self.pool.acquire_nowait()
         if link is not None:
-            conn.link = link
-            request.worker_pid = link.worker.pid
-            link.start(params, body, conn)
+            handler.attach(link)
+            link.start(params, body, handler)
             return
 
         def granted(link, error) -> None:
             if error is not None:
-                if not conn.lost:
-                    log.warning("503 for %s %s: %s", request.method.decode("latin-1"),
-                                request.target.decode("latin-1"), error.reason)
-                    conn.respond_error(error)
+                if not handler.lost:
+                    log.warning("503 for %s: %s", handler.describe(), error.reason)
+                    handler.respond_error(error)
                 return
-            if conn.lost:
+            if handler.lost:
                 self.pool.release(link)
                 return
-            conn.link = link
-            request.worker_pid = link.worker.pid
-            link.start(params, body, conn)
+            handler.attach(link)
+            link.start(params, body, handler)
 
         self.pool.wait_for_link(granted)
 

@@ -154,6 +154,9 @@ class Link(asyncio.Protocol):
                 self.handler = None
                 if handler is None:
                     continue
+                if type(handler) is _Discard:
+                    log.info("worker pid %s ended an abandoned request; free again",
+                             self.worker.pid)
                 if not self.head_done:
                     handler.upstream_failed(GatewayError(
                         f"worker pid {self.worker.pid} ended the request without a response"))
@@ -226,6 +229,7 @@ class Link(asyncio.Protocol):
         """The client went away: ask the worker to stop; the link stays busy
         until END_REQUEST, so a request never lands on a worker still at work."""
         if self.handler is not None and not self.closed:
+            log.info("client gone: asking worker pid %s to stop its request", self.worker.pid)
             self.handler = _Discard()
             self.transport.write(ServerConnection.abort_request(REQUEST_ID))
 

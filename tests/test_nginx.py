@@ -1,0 +1,258 @@
+"""Real nginx in front of corral: through the front's FastCGI listener (with
+the config `corral nginx-config` prints) and straight to a standalone worker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import cases_config
+from tests.harness import APPS, ROOT, ServerProcess, copy_app, read_response
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}")
+                                  else None)
+    if path is None:
+        message = f"{tool} is not installed (Debian: apt-get install nginx-light)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def wait_for_socket(path, proc, timeout: float = 30.0) -> None:
+    """Until something accepts on the unix socket `path` (nginx's readiness)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nginx exited with {proc.returncode}")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+                return
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {path}") from None
+            time.sleep(0.02)
+
+
+class Nginx:
+    """nginx on a unix socket in a folder of its own, around one site file."""
+
+    def __init__(self, folder, site: str) -> None:
+        self.folder = folder
+        self.sock = folder / "nginx.sock"
+        (folder / "site.conf").write_text(site)
+        (folder / "nginx.conf").write_text(f"""
+daemon off;
+{"user root;" if os.geteuid() == 0 else ""}
+worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log info;
+events {{ worker_connections 512; }}
+http {{
+    access_log {folder}/access.log;
+    client_body_temp_path {folder}/body;
+    fastcgi_temp_path {folder}/fastcgi;
+    proxy_temp_path {folder}/proxy;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+    include /etc/nginx/mime.types;
+    include {folder}/site.conf;
+}}
+""")
+        self.proc = subprocess.Popen([require("nginx"), "-c", str(folder / "nginx.conf"),
+                                      "-p", str(folder)], stderr=subprocess.PIPE)
+        wait_for_socket(self.sock, self.proc)
+
+    def request(self, raw: bytes, timeout: float = 30.0):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.sock))
+            s.sendall(raw)
+            return read_response(s)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.proc.stderr.close()
+
+
+def nginx_config(app, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "corral", "nginx-config", str(app), *args],
+                            capture_output=True, text=True, check=True, timeout=30,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return result.stdout
+
+
+def cases_app(tmp_path, mount: str = "/"):
+    app = copy_app(APPS / "cases", tmp_path / "cases")
+    (app / "public").mkdir()
+    (app / "public" / "hello.txt").write_text("hello static\n")
+    config = cases_config(app, processes=2).replace(
+        "processes = 2\n", f'processes = 2\nmount = "{mount}"\n')
+    (app / "corral.toml").write_text(config)
+    return app
+
+
+@pytest.fixture(scope="module")
+def through_listener(tmp_path_factory):
+    """nginx -> corral's FastCGI listener -> the cases app's pool."""
+    tmp = tmp_path_factory.mktemp("nginx-listener")
+    app = cases_app(tmp)
+    listener = tmp / "corral.sock"
+    server = ServerProcess(app, "--bind", f"fastcgi+unix:{listener}", "--log-level", "DEBUG")
+    server.wait_ready()
+    site = nginx_config(app, "--listen", f"unix:{tmp / 'nginx.sock'}",
+                        "--upstream", f"unix:{listener}")
+    nginx = Nginx(tmp, site)
+    nginx.server = server
+    yield nginx
+    nginx.stop()
+    server.stop()
+
+
+def get(nginx, target: bytes, headers: bytes = b""):
+    return nginx.request(b"GET " + target + b" HTTP/1.1\r\nHost: example.org\r\n" + headers
+                         + b"Connection: close\r\n\r\n")
+
+
+def test_get_reaches_the_app_with_a_correct_environ(through_listener):  # K10
+    status, _, body, _ = get(through_listener, b"/echo/user/profile?x=1")
+    assert status == 200
+    seen = json.loads(body)
+    assert (seen["SCRIPT_NAME"], seen["PATH_INFO"], seen["QUERY_STRING"]) == (
+        "", "/echo/user/profile", "x=1")
+    assert seen["REQUEST_METHOD"] == "GET" and seen["HTTP_HOST"] == "example.org"
+
+
+def test_static_files_are_served_by_nginx(through_listener):
+    status, headers, body, _ = get(through_listener, b"/files/hello.txt")
+    assert status == 200 and body == b"hello static\n"
+    assert headers["server"].startswith("nginx")
+    calls = (through_listener.folder / "cases" / "calls.log")
+    assert not calls.exists() or "/files/hello.txt" not in calls.read_text()
+    assert get(through_listener, b"/corral.toml")[0] == 404
+
+
+def test_post_of_5_mb_arrives_whole(through_listener):
+    data = os.urandom(5 * 1024 * 1024)
+    status, _, body, _ = through_listener.request(
+        b"POST /digest HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+        % len(data) + data)
+    assert status == 200
+    assert body == b"%d %s" % (len(data), hashlib.sha256(data).hexdigest().encode())
+
+
+def test_chunked_upload_gets_a_content_length(through_listener):  # K01 behind nginx
+    status, _, body, _ = through_listener.request(
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nConnection: close\r\n\r\n"
+        b"5\r\na=1&b\r\n2\r\n=2\r\n0\r\n\r\n")
+    assert status == 200
+    seen = json.loads(body)
+    assert seen["body"] == "a=1&b=2" and seen["CONTENT_LENGTH"] == "7"
+
+
+def test_10_mb_response_arrives_whole(through_listener):
+    status, headers, body, _ = get(through_listener, b"/big?10000000")
+    assert status == 200 and len(body) == 10_000_000
+    block = bytes(range(256)) * 256
+    assert body[:65536] == block and body[-1000:] == block[(10_000_000 % 65536) - 1000:
+                                                            10_000_000 % 65536]
+
+
+def test_two_cookies_survive(through_listener):  # K06 behind nginx
+    _, headers, _, _ = get(through_listener, b"/cookies")
+    assert headers["set-cookie*"] == ["a=1; Path=/", "b=2; Path=/"]
+
+
+def test_one_upstream_connection_serves_many_requests(through_listener):
+    server = through_listener.server
+    pattern = r"FastCGI listener: a web server connected"
+    before = len([line for line in server.lines if "a web server connected" in line])
+    for _ in range(20):
+        assert get(through_listener, b"/pid")[0] == 200
+    server.wait_for(pattern)
+    after = len([line for line in server.lines if "a web server connected" in line])
+    # nginx has one worker process: with keepalive it reuses its connection
+    # (at most one more if a request raced the previous one's release).
+    assert after - before <= 1, server.log
+
+
+def test_client_gone_mid_request_frees_the_worker(through_listener):
+    server = through_listener.server
+    seen = len([line for line in server.lines if "SLOW STARTED" in line])
+    freed = len([line for line in server.lines if "abandoned request; free again" in line])
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(through_listener.sock))
+        s.sendall(b"GET /slow-logged?1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        server.wait_for("SLOW STARTED", count=seen + 1)
+    # nginx closes its upstream connection; corral asks the worker to stop.
+    line = server.wait_for(r"client gone: asking worker pid \d+ to stop")
+    pid = int(line.split("worker pid ")[1].split()[0])
+    server.wait_for(rf"worker pid {pid} ended an abandoned request; free again",
+                    count=freed + 1)
+    # Free again, and the idle worker released last is the next one used.
+    assert json.loads(get(through_listener, b"/echo")[2])["pid"] == pid
+
+
+def test_app_mounted_under_a_prefix(tmp_path):  # K10, sub-path
+    app = cases_app(tmp_path, mount="/sub")
+    listener = tmp_path / "corral.sock"
+    server = ServerProcess(app, "--bind", f"fastcgi+unix:{listener}").wait_ready()
+    nginx = Nginx(tmp_path, nginx_config(app, "--listen", f"unix:{tmp_path / 'nginx.sock'}",
+                                         "--upstream", f"unix:{listener}"))
+    try:
+        status, _, body, _ = get(nginx, b"/sub/echo/x?y=2")
+        assert status == 200
+        seen = json.loads(body)
+        assert (seen["SCRIPT_NAME"], seen["PATH_INFO"], seen["QUERY_STRING"]) == (
+            "/sub", "/echo/x", "y=2")
+        assert get(nginx, b"/subway")[0] == 404
+    finally:
+        nginx.stop()
+        server.stop()
+
+
+def test_nginx_straight_to_a_standalone_worker(tmp_path):  # K10, K16
+    worker_sock = tmp_path / "worker.sock"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "corral.worker", "cases:application",
+         "--bind", f"unix:{worker_sock}"], cwd=APPS / "cases", stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{APPS / 'cases'}"})
+    try:
+        assert "listening on" in worker.stderr.readline()
+        app = cases_app(tmp_path)
+        nginx = Nginx(tmp_path, nginx_config(app, "--listen", f"unix:{tmp_path / 'nginx.sock'}",
+                                             "--upstream", f"unix:{worker_sock}"))
+        try:
+            pids = set()
+            for i in range(5):  # one kept connection, many requests
+                status, _, body, _ = get(nginx, b"/echo/p?i=%d" % i)
+                assert status == 200
+                seen = json.loads(body)
+                assert (seen["SCRIPT_NAME"], seen["PATH_INFO"], seen["QUERY_STRING"]) == (
+                    "", "/echo/p", f"i={i}")
+                pids.add(seen["pid"])
+            assert pids == {worker.pid}
+            data = os.urandom(5 * 1024 * 1024)
+            status, _, body, _ = nginx.request(
+                b"POST /digest HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n" % len(data) + data)
+            assert body == b"%d %s" % (len(data), hashlib.sha256(data).hexdigest().encode())
+        finally:
+            nginx.stop()
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        worker.stderr.close()
