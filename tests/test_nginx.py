@@ -14,8 +14,10 @@ import time
 
 import pytest
 
+from corral import fastcgi
 from tests.conftest import cases_config
-from tests.harness import APPS, ROOT, ServerProcess, copy_app, read_response
+from tests.harness import (
+    APPS, ROOT, FastCGIClient, ServerProcess, cgi_params, copy_app, read_response)
 
 
 def require(tool: str) -> str:
@@ -256,3 +258,59 @@ def test_nginx_straight_to_a_standalone_worker(tmp_path):  # K10, K16
         worker.terminate()
         worker.wait(30)
         worker.stderr.close()
+
+
+# -- the listener's own side of the protocol, with a raw FastCGI client ----------
+
+@pytest.fixture(scope="module")
+def listener_over_tcp(tmp_path_factory):
+    """The cases app with a FastCGI listener on TCP (port 0) and a small max_body."""
+    tmp = tmp_path_factory.mktemp("listener-tcp")
+    app = cases_app(tmp)
+    with open(app / "corral.toml", "a") as f:
+        f.write("[server]\nmax_body = 100000\n")
+    server = ServerProcess(app, "--bind", "fastcgi+tcp:127.0.0.1:0").wait_ready()
+    line = server.wait_for(r"listening on .*fastcgi\+tcp:")
+    port = int(line.rsplit("fastcgi+tcp:", 1)[1].split(",")[0].rsplit(":", 1)[1])
+    server.fastcgi = ("127.0.0.1", port)
+    yield server
+    server.stop()
+
+
+def test_listener_over_tcp_serves_kept_connections(listener_over_tcp):  # K16
+    client = FastCGIClient(listener_over_tcp.fastcgi)
+    for i in range(3):
+        stdout, _, end = client.request(cgi_params("GET", f"/echo?n={i}"), request_id=1)
+        assert end.protocol_status == fastcgi.ProtocolStatus.REQUEST_COMPLETE
+        head, _, body = stdout.partition(b"\r\n\r\n")
+        assert head.startswith(b"Status: 200 OK")
+        assert json.loads(body)["QUERY_STRING"] == f"n={i}"
+    client.send(fastcgi.ServerConnection.get_values([b"FCGI_MPXS_CONNS"]))
+    values = next(e for e in client.events() if isinstance(e, fastcgi.ValuesResult))
+    assert values.values == {b"FCGI_MPXS_CONNS": b"0"}
+    assert client.request(cgi_params("GET", "/pid"))[2].app_status == 0  # still open
+    client.close()
+
+
+def test_listener_refuses_a_body_over_max_body_with_413(listener_over_tcp):
+    client = FastCGIClient(listener_over_tcp.fastcgi)
+    body = b"x" * 200_000
+    stdout, _, _ = client.request(cgi_params("POST", "/digest", body), body)
+    assert stdout.startswith(b"Status: 413 ")
+    client.close()
+
+
+def test_listener_drops_a_peer_that_breaks_the_protocol(listener_over_tcp):
+    with socket.create_connection(listener_over_tcp.fastcgi, timeout=10) as s:
+        s.sendall(b"\x09" + b"\x00" * 15)  # version 9: not FastCGI 1
+        assert s.recv(100) == b""  # closed
+    listener_over_tcp.wait_for(r"the web server broke the protocol")
+    client = FastCGIClient(listener_over_tcp.fastcgi)
+    assert client.request(cgi_params("GET", "/pid"))[0].startswith(b"Status: 200")
+    client.close()
+
+
+def test_big_cookie_through_nginx_reaches_the_app(through_listener):  # K19
+    cookie = "k=" + "c" * 6 * 1024
+    status, _, body, _ = get(through_listener, b"/echo", f"Cookie: {cookie}\r\n".encode())
+    assert status == 200 and json.loads(body)["HTTP_COOKIE"] == cookie
