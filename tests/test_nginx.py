@@ -17,7 +17,14 @@ import pytest
 from corral import fastcgi
 from tests.conftest import cases_config
 from tests.harness import (
-    APPS, ROOT, FastCGIClient, ServerProcess, cgi_params, copy_app, read_response)
+    APPS,
+    ROOT,
+    FastCGIClient,
+    ServerProcess,
+    cgi_params,
+    copy_app,
+    read_response,
+)
 
 
 def require(tool: str) -> str:
