@@ -301,6 +301,11 @@ class AppConnection:
             self._handle(record, events)
         return events
 
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not make a whole record yet."""
+        return self._reader.pending
+
     def _handle(self, record: Record, events: list) -> None:
         rtype, rid, content = record.type, record.request_id, record.content
         if rid == NULL_REQUEST_ID:

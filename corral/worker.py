@@ -18,6 +18,7 @@ import socket
 import sys
 import tempfile
 import traceback
+from typing import NoReturn
 from urllib.parse import unquote_to_bytes
 
 from corral import fastcgi
@@ -44,6 +45,18 @@ class AppLoadError(Exception):
 
 class HeadError(ValueError):
     """The app gave a status or header that cannot be sent safely."""
+
+
+class RequestAborted(Exception):
+    """The web server gave up on the request in flight: it sent ABORT_REQUEST,
+    or closed the connection (`closed`), which spec 5.4 counts as an abort
+    too.  Not the app's fault, so never logged as an app error."""
+
+    def __init__(self, reason: str, closed: bool,
+                 error: fastcgi.ProtocolError | None = None) -> None:
+        super().__init__(reason)
+        self.closed = closed
+        self.error = error  # bad bytes found while looking: the connection's end
 
 
 def load_app(spec: str):
@@ -123,20 +136,27 @@ class Response:
 
     Output is held one chunk behind so that the last chunk, the stream's end
     and END_REQUEST leave in a single send; a one-chunk response costs one
-    system call.
+    system call.  Before each chunk the socket is looked at without blocking
+    (check_abort), so a request the web server gave up on stops at the app's
+    next chunk or write() call.  That is the only place it can stop: an app
+    that sleeps or waits inside one call (a slow query, time.sleep) cannot be
+    interrupted from here, and is told of the abort only when it next yields.
     """
 
-    __slots__ = ("sock", "rid", "head", "status_set", "head_sent",
-                 "pending", "send_body")
+    __slots__ = ("sock", "connection", "rid", "head", "status_set", "head_sent",
+                 "pending", "send_body", "aborted")
 
-    def __init__(self, sock: socket.socket, rid: int, send_body: bool) -> None:
+    def __init__(self, sock: socket.socket, connection: fastcgi.AppConnection,
+                 send_body: bool) -> None:
         self.sock = sock
-        self.rid = rid
+        self.connection = connection
+        self.rid = connection.request_id
         self.head = b""
         self.status_set = False
         self.head_sent = False
         self.pending = b""
         self.send_body = send_body
+        self.aborted: RequestAborted | None = None
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info:
@@ -157,6 +177,9 @@ class Response:
             raise AssertionError("write() before start_response()")
         if type(data) is not bytes:
             data = bytes(data)  # bytearray or memoryview; raises for str
+        # Even an empty chunk looks: some apps yield b"" while they work so
+        # that the server can stop them.
+        self.check_abort()
         if not data and not self.head_sent:
             # PEP 3333: the head waits for the first non-empty chunk, so an
             # app may still replace it with start_response(..., exc_info).
@@ -170,19 +193,61 @@ class Response:
         elif not data or not self.send_body:
             return
         if self.pending:
-            self.sock.sendall(self.pending)
+            self._sendall(self.pending)
         self.pending = fastcgi.encode_stream(fastcgi.RecordType.STDOUT, self.rid, data)
 
-    def finish(self, connection: fastcgi.AppConnection) -> None:
+    def finish(self) -> None:
+        self.check_abort()  # a result that came after an abort is dropped, not sent
         if not self.head_sent:
             self._send(b"")  # a response with an empty body still has a head
-        self.sock.sendall(self.pending + connection.finish())
+        self._sendall(self.pending + self.connection.finish())
 
     def flush(self) -> None:
         """Send what is held back, without ending the request (before an abort)."""
         if self.pending:
-            self.sock.sendall(self.pending)
-            self.pending = b""
+            pending, self.pending = self.pending, b""
+            self._sendall(pending)
+
+    def check_abort(self) -> None:
+        """Raise RequestAborted if the web server has given up on this request.
+
+        Never blocks.  Bytes waiting on the socket go through the codec, so
+        no later read misses them, and what the protocol answers by itself
+        (GET_VALUES, a second BEGIN_REQUEST) is answered now, mid-response.
+        """
+        if self.aborted is not None:
+            raise self.aborted  # the app caught it and went on: tell it again
+        try:
+            data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return  # the common case: nothing waiting, one system call
+        except ConnectionError as exc:
+            self._abort(f"connection lost: {exc.strerror}", closed=True)
+        if not data:
+            self._abort("the web server closed the connection", closed=True)
+        try:
+            events = self.connection.receive_data(data)
+        except fastcgi.ProtocolError as exc:
+            self._abort(str(exc), closed=True, error=exc)
+        answer = self.connection.data_to_send()
+        if answer:
+            self._sendall(answer)
+        # The codec passes on only records of the request in flight; but for
+        # an abort they are STDIN records past the body's end, ignored anyway.
+        if any(type(event) is AbortRequest for event in events):
+            self._abort("ABORT_REQUEST from the web server", closed=False)
+
+    def _sendall(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except ConnectionError as exc:  # EPIPE, ECONNRESET: the web server left
+            self._abort(f"connection lost: {exc.strerror}", closed=True)
+
+    def _abort(self, reason: str, closed: bool,
+               error: fastcgi.ProtocolError | None = None) -> NoReturn:
+        self.aborted = RequestAborted(reason, closed, error)
+        self.pending = b""  # nobody wants the rest of an aborted response
+        raise self.aborted
 
 
 def build_environ(params: list[tuple[bytes, bytes]], body, body_size: int,
@@ -270,6 +335,9 @@ class Worker:
                 if connection.request_id is not None:
                     log(f"connection ended: closed by the web server inside request "
                         f"{connection.request_id}")
+                elif connection.pending:
+                    log(f"connection ended: closed by the web server inside a record "
+                        f"({connection.pending} bytes of it read)")
                 return
             self.busy = True
             events = connection.receive_data(data)
@@ -322,9 +390,28 @@ class Worker:
                 return
 
     def run_request(self, conn, connection, params, body, body_size: int) -> bool:
-        """Call the app for one request; False if the response was cut short."""
-        rid = connection.request_id
+        """Call the app for one request; False if the connection must go (the
+        response was cut short, or the web server closed it)."""
         environ = build_environ(params, body, body_size, self.mount)
+        try:
+            return self.call_app(conn, connection, environ)
+        except RequestAborted as abort:
+            if abort.error is not None:
+                # Bad bytes read while looking: the connection ends, and
+                # serve_forever logs that once.
+                raise abort.error from None
+            # One line, no traceback: clients leave mid-response all the time.
+            log(f"request aborted ({abort}): {request_line(environ)}")
+            if abort.closed:
+                return False
+            # Spec 5.4: the application answers an abort with END_REQUEST.
+            try:
+                conn.sendall(connection.finish())
+            except ConnectionError:
+                return False
+            return True
+
+    def call_app(self, conn, connection, environ: dict | None) -> bool:
         if environ is None:
             send_plain(conn, connection, "404 Not Found",
                        b"Not Found: outside this app's mount prefix\n")
@@ -336,7 +423,7 @@ class Worker:
             send_plain(conn, connection, "400 Bad Request",
                        b"Bad Request: no REQUEST_METHOD from the web server\n")
             return True
-        response = Response(conn, rid, environ["REQUEST_METHOD"] != "HEAD")
+        response = Response(conn, connection, environ["REQUEST_METHOD"] != "HEAD")
         result = None
         try:
             result = self.app(environ, response.start_response)
@@ -345,6 +432,10 @@ class Worker:
             if not response.status_set:
                 raise AssertionError("the app returned without calling start_response()")
         except Exception:
+            if response.aborted is not None:
+                # Ours, from write() or between chunks, even if the app
+                # caught it and raised something else instead.
+                raise response.aborted from None
             log_request_error(environ)
             if response.head_sent:
                 # Too late for a 500: send what the app gave (so the one
@@ -356,22 +447,24 @@ class Worker:
                 [("Content-Type", "text/plain; charset=utf-8")], sys.exc_info())
             response.write(b"Internal Server Error\n")
         finally:
+            # PEP 3333: close() is called however the response ended,
+            # aborted ones included (case K17).
             close = getattr(result, "close", None)
             if close is not None:
                 try:
                     close()
                 except Exception:
                     log_request_error(environ)
-        response.finish(connection)
+        response.finish()
         return True
 
 
 def send_plain(conn, connection: fastcgi.AppConnection, status: str, text: bytes) -> None:
     """A short text/plain answer of the worker's own, not the app's."""
-    response = Response(conn, connection.request_id, True)
+    response = Response(conn, connection, True)
     response.start_response(status, [("Content-Type", "text/plain")])
     response.write(text)
-    response.finish(connection)
+    response.finish()
 
 
 def log(message: str) -> None:
@@ -379,9 +472,14 @@ def log(message: str) -> None:
     sys.stderr.flush()
 
 
+def request_line(environ: dict | None) -> str:
+    if environ is None:
+        return "- -"
+    return f"{environ.get('REQUEST_METHOD', '-')} {environ.get('REQUEST_URI', '-')}"
+
+
 def log_request_error(environ) -> None:
-    line = f"{environ.get('REQUEST_METHOD', '-')} {environ.get('REQUEST_URI', '-')}"
-    log(f"error in app for {line}:\n{traceback.format_exc().rstrip()}")
+    log(f"error in app for {request_line(environ)}:\n{traceback.format_exc().rstrip()}")
 
 
 def die_with_parent(parent: int) -> None:
@@ -408,9 +506,18 @@ def make_listener(bind: str | None) -> socket.socket:
         sock.bind(path)
     else:
         host, _, port = bind.rpartition(":")
-        sock = socket.create_server((host or "127.0.0.1", int(port)))
+        sock = socket.create_server((host.strip("[]") or "127.0.0.1", int(port)),
+                                    family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.listen(128)
     return sock
+
+
+def bound_address(listener: socket.socket, bind: str) -> str:
+    """Where we listen, as --bind spells it, with the real port for port 0."""
+    if listener.family == socket.AF_UNIX:
+        return bind
+    host, port = listener.getsockname()[:2]
+    return f"[{host}]:{port}" if listener.family == socket.AF_INET6 else f"{host}:{port}"
 
 
 def main(argv=None) -> int:
@@ -439,7 +546,7 @@ def main(argv=None) -> int:
     if args.bind:
         # Last, as the readiness line: a SIGTERM sent as soon as it is seen
         # must find our handler, not the default action.
-        log(f"listening on {args.bind}")
+        log(f"listening on {bound_address(listener, args.bind)}")
     try:
         worker.serve_forever(listener)
     except SystemExit as exc:

@@ -329,3 +329,18 @@ class WorkerProcess:
             self.proc.wait()
         self._reader.join(5)
         return self.log
+
+
+def require_tool(name: str) -> str:
+    """The path of the program `name`, which a test needs.  Missing, the test
+    skips, naming it; under CI (env var CI set) it fails instead, because CI
+    installs its tools and a skip there would hide a lost install step."""
+    import pytest  # here, not at the top: the rest of this module needs no pytest
+
+    path = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+    if path is None:
+        message = f"{name} is not installed"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}, and CI is set")
+        pytest.skip(message)
+    return path

@@ -241,6 +241,16 @@ def test_abort_request():
     assert conn.finish() == rec(STDOUT, 3) + rec(END_REQUEST, 3, end_body(0, REQUEST_COMPLETE))
 
 
+def test_pending_counts_the_bytes_of_an_unfinished_record():
+    # The worker logs a connection closed inside a record, requests or not.
+    conn = AppConnection()
+    data = rec(GET_VALUES, 0, pair(b"FCGI_MPXS_CONNS", b""))
+    assert feed(conn, data[:5]) == [] and conn.pending == 5
+    assert feed(conn, data[5:-1]) == [] and conn.pending == len(data) - 1
+    feed(conn, data[-1:])
+    assert conn.pending == 0 and conn.data_to_send().startswith(b"\x01\x0a")
+
+
 def test_data_stream_is_ignored_by_a_responder():
     conn = begun()
     assert feed(conn, rec(DATA, 1, b"filter data") + rec(DATA, 1)) == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import quote
 
 import pytest
 
@@ -61,11 +63,13 @@ def header(reply: Reply, name: bytes) -> list[bytes]:
 
 
 def request_bytes(uri: str = "/", method: str | None = "GET", body: bytes = b"",
-                  request_id: int = 1, end_body: bool = True, **extra: str | None) -> bytes:
+                  request_id: int = 1, end_body: bool = True, keep_conn: bool = True,
+                  **extra: str | None) -> bytes:
     """A whole request as a web server writes it; a None param is left out."""
     params = {k: v for k, v in cgi_params(method, uri, body, **extra).items() if v is not None}
     data = ServerConnection.begin_request(
-        request_id, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in params.items()])
+        request_id, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in params.items()],
+        keep_conn)
     if body:
         data += ServerConnection.stdin(request_id, body)
     return data + (ServerConnection.stdin(request_id, b"") if end_body else b"")
@@ -442,6 +446,126 @@ def test_request_fed_one_byte_at_a_time_is_served(echo_worker):
     assert json.loads(parse(stdout).body)["body"] == "xyz"
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_request_cut_at_random_points_is_served(echo_worker, seed):
+    # Params over one record (a pair straddles the boundary) and a body over
+    # one record, sent in pieces cut anywhere, headers and lengths included
+    # (the socket may join some pieces again; test_fastcgi cuts exactly).
+    rng = random.Random(seed)
+    cookie = "k=" + "c" * 70_000
+    body = rng.randbytes(70_000)
+    data = request_bytes("/b?q=1", "POST", body, HTTP_COOKIE=cookie)
+    cuts = sorted(rng.sample(range(1, len(data)), 40))
+    client = FastCGIClient(echo_worker.path)
+    for start, stop in zip([0, *cuts], [*cuts, len(data)], strict=True):
+        client.send(data[start:stop])
+    stdout, _, _ = client.read_response()
+    client.close()
+    seen = json.loads(parse(stdout).body)
+    assert (seen["HTTP_COOKIE"], seen["QUERY_STRING"]) == (cookie, "q=1")
+    assert seen["body"].encode("latin-1") == body
+
+
+# -- K17: aborts while the app runs -----------------------------------------
+
+DRIP = "drip:application"  # one chunk per 0.1 s, 100 of them; close() leaves a mark
+
+
+def read_until(client: FastCGIClient, done) -> list:
+    """Events until one for which done(event) is true, that one included."""
+    events = []
+    while not any(done(e) for e in events):
+        events += client.events()
+    return events
+
+
+def first_chunk(client: FastCGIClient, path: str, mark: Path, keep: bool = True) -> None:
+    """Start a dripping response and read until its first chunk is in."""
+    client.send(request_bytes(f"{path}?mark={quote(str(mark))}", keep_conn=keep))
+    events = read_until(client, lambda e: isinstance(e, fastcgi.Stdout) and e.data)
+    assert not any(isinstance(e, fastcgi.EndRequest) for e in events)
+
+
+def chunks_made(mark: Path) -> int:
+    """How many chunks the app had made when it was closed (or stopped)."""
+    return int(mark.read_text().split(" after ")[1].split()[0])
+
+
+@pytest.mark.parametrize("path", ["/drip", "/drip-write"])
+@pytest.mark.parametrize("keep", [True, False], ids=["keep-conn", "no-keep-conn"])
+def test_abort_mid_response_stops_the_app_and_ends_the_request(spawn, tmp_path, path, keep):
+    proc = spawn(DRIP)
+    client = FastCGIClient(proc.path)
+    mark = tmp_path / "closed"
+    first_chunk(client, path, mark, keep)
+    asked = time.monotonic()
+    client.send(ServerConnection.abort_request(1))
+    _, _, end = client.read_response()
+    took = time.monotonic() - asked
+    # The whole response would take 10 s; the worker looks between chunks.
+    assert took < 2, f"END_REQUEST came {took:.1f} s after the abort"
+    assert (end.request_id, end.protocol_status) == (1, ProtocolStatus.REQUEST_COMPLETE)
+    assert chunks_made(mark) < 20  # close() (or the app's finally) ran, early
+    if keep:
+        assert ask(client, "/pid").body == str(proc.proc.pid).encode()
+    else:
+        assert is_closed(client.sock)
+        assert ask(proc, "/pid").body == str(proc.proc.pid).encode()
+    client.close()
+    log = proc.stop()
+    assert log.count("aborted (ABORT_REQUEST") == 1
+    assert "Traceback" not in log and "connection ended" not in log
+
+
+@pytest.mark.parametrize("path", ["/drip", "/drip-write"])
+def test_web_server_closing_mid_response_stops_the_app(spawn, tmp_path, path):
+    proc = spawn(DRIP)
+    client = FastCGIClient(proc.path)
+    mark = tmp_path / "closed"
+    first_chunk(client, path, mark)
+    client.close()  # spec 5.4: closing the connection aborts its request too
+    asked = time.monotonic()
+    # A worker serves one connection at a time: this answer comes only
+    # after the aborted request is over, close() called.
+    assert ask(proc, "/pid").body == str(proc.proc.pid).encode()
+    assert time.monotonic() - asked < 2
+    assert chunks_made(mark) < 20
+    log = proc.stop()
+    assert log.count("aborted (") == 1, log
+    assert "Traceback" not in log and "connection ended" not in log
+
+
+def test_abort_during_a_long_call_is_answered_when_it_returns_and_drops_the_result(worker):
+    # The worker cannot interrupt an app inside one call (here time.sleep);
+    # it sees the abort at the result, sends none of it, and ends the request.
+    client = FastCGIClient(worker.path)
+    client.send(request_bytes("/slow-logged?0.5"))
+    wait_for_line(worker, "SLOW STARTED")
+    client.send(ServerConnection.abort_request(1))
+    stdout, _, end = client.read_response()
+    assert (stdout, end.request_id) == (b"", 1)
+    assert ask(client, "/pid").status == 200
+    client.close()
+
+
+def test_management_records_mid_response_are_answered_while_the_app_runs(spawn, tmp_path):
+    proc = spawn(DRIP)
+    client = FastCGIClient(proc.path)
+    first_chunk(client, "/drip", tmp_path / "closed")
+    client.send(ServerConnection.get_values([b"FCGI_MPXS_CONNS"]) + begin(2))
+    events = read_until(client, lambda e: isinstance(e, fastcgi.EndRequest))
+    # Both answered while request 1 still streams: its END_REQUEST is to come.
+    [values] = [e for e in events if isinstance(e, fastcgi.ValuesResult)]
+    [end] = [e for e in events if isinstance(e, fastcgi.EndRequest)]
+    assert values.values == {b"FCGI_MPXS_CONNS": b"0"}
+    assert (end.request_id, end.protocol_status) == (2, ProtocolStatus.CANT_MPX_CONN)
+    client.send(ServerConnection.abort_request(1))
+    _, _, end = client.read_response(1)
+    assert end.request_id == 1
+    assert ask(client, "/pid").status == 200
+    client.close()
+
+
 # -- protocol answers -------------------------------------------------------
 
 def test_unknown_role_is_refused_and_the_connection_serves_on(worker):
@@ -480,6 +604,11 @@ MALFORMED = {
     "pair longer than its stream": begin(1) + fastcgi.encode_record(
         RecordType.PARAMS, 1, b"\x05\x05ab") + fastcgi.encode_record(RecordType.PARAMS, 1),
     "truncated record then close": request_bytes(end_body=False)[:30],
+    # Between requests, where no request id tells the log what was cut short.
+    "truncated header then close": begin(1)[:5],
+    "content length past the end then close": fastcgi.HEADER.pack(
+        1, RecordType.GET_VALUES, 0, 1000, 0) + b"\x01\x00A" * 3,
+    "garbage past the version byte": b"\x01" + random.Random(0).randbytes(300),
     "body end before params end": begin(1) + ServerConnection.stdin(1, b""),
 }
 
