@@ -13,6 +13,7 @@ import argparse
 import ctypes
 import importlib
 import os
+import selectors
 import signal
 import socket
 import sys
@@ -295,6 +296,24 @@ def build_environ(params: list[tuple[bytes, bytes]], body, body_size: int,
     return environ
 
 
+class Peer:
+    """One connection from the web server, and the request arriving on it."""
+
+    __slots__ = ("sock", "codec", "body", "body_size", "params")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.codec = fastcgi.AppConnection()
+        self.body = None  # the request body being received, spooled past a size
+        self.body_size = 0
+        self.params: list[tuple[bytes, bytes]] | None = None
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+        self.sock.close()
+
+
 class Worker:
     """Serves FastCGI connections one after another with one WSGI app."""
 
@@ -312,82 +331,109 @@ class Worker:
             raise SystemExit(EXIT_OK)
 
     def serve_forever(self, listener: socket.socket) -> None:
-        while not self.stopping:
-            conn, _ = listener.accept()
-            try:
-                self.serve_connection(conn)
-            except (ConnectionError, fastcgi.ProtocolError) as exc:
-                log(f"connection ended: {type(exc).__name__}: {exc}")
-            finally:
-                # Whatever ended the connection, its request is gone: a
-                # later SIGTERM must not wait for it.
-                self.busy = False
-                conn.close()
+        """Serve every connection the web server opens, one request at a time.
 
-    def serve_connection(self, conn: socket.socket) -> None:
-        connection = fastcgi.AppConnection()
-        body = None
-        body_size = 0
-        params = None
-        while True:
-            data = conn.recv(RECV_SIZE)
-            if not data:
-                if connection.request_id is not None:
-                    log(f"connection ended: closed by the web server inside request "
-                        f"{connection.request_id}")
-                elif connection.pending:
-                    log(f"connection ended: closed by the web server inside a record "
-                        f"({connection.pending} bytes of it read)")
-                return
-            self.busy = True
-            events = connection.receive_data(data)
-            answer = connection.data_to_send()
-            if answer:
-                conn.sendall(answer)
-            for event in events:
-                kind = type(event)
-                if kind is Stdin:
-                    if body is None:
-                        continue  # a stray record after the body's end
-                    if event.data:
-                        body.write(event.data)
-                        body_size += len(event.data)
+        A web server may keep several connections to one worker (nginx with
+        keepalive does), so the worker waits on all of them at once and
+        serves whichever has data; waiting on one would starve the others.
+        """
+        listener.setblocking(False)
+        selector = selectors.DefaultSelector()
+        selector.register(listener, selectors.EVENT_READ)
+        peers: list[Peer] = []
+        try:
+            while not self.stopping:
+                for key, _ in selector.select():
+                    if key.fileobj is listener:
+                        try:
+                            sock, _ = listener.accept()
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        sock.setblocking(True)
+                        peer = Peer(sock)
+                        peers.append(peer)
+                        selector.register(sock, selectors.EVENT_READ, peer)
                         continue
-                    if params is None:
-                        # The codec passes STDIN on as it comes; without the
-                        # params there is no request to run.
-                        raise fastcgi.ProtocolError("STDIN ended before the PARAMS stream")
-                    body.seek(0)
+                    peer = key.data
                     try:
-                        if not self.run_request(conn, connection, params, body, body_size):
-                            return  # the response was cut short: drop the connection
-                    finally:
-                        body.close()  # a spooled body's temporary file goes now
-                    body = None
-                    if not connection.keep_conn or self.stopping:
+                        keep = self.serve_ready(peer)
+                    except (ConnectionError, fastcgi.ProtocolError) as exc:
+                        log(f"connection ended: {type(exc).__name__}: {exc}")
+                        keep = False
+                    if not keep:
+                        selector.unregister(peer.sock)
+                        peers.remove(peer)
+                        peer.close()
+                    # Busy while any request has begun and not ended, even
+                    # with its params or body still on the way: SIGTERM must
+                    # not drop it half-read.
+                    self.busy = any(p.codec.request_id is not None for p in peers)
+                    if self.stopping and not self.busy:
                         return
-                elif kind is Params:
-                    params = event.params
-                elif kind is BeginRequest:
-                    body = tempfile.SpooledTemporaryFile(SPOOL_THRESHOLD)
-                    body_size = 0
-                    params = None  # never the previous request's, on a kept connection
-                elif kind is AbortRequest:
-                    if connection.request_id is None:
-                        # Read in the same batch as the body's end, so the
-                        # request has run and ended already: nothing to abort.
-                        continue
-                    # Aborted before the app ran: nothing to stop, just end it.
-                    conn.sendall(connection.finish())
-                    body.close()
-                    body = None
-                    if not connection.keep_conn:
-                        return
-            # Busy until the request's END_REQUEST, even while its params or
-            # body are still on the way: SIGTERM must not drop it half-read.
-            self.busy = connection.request_id is not None
-            if self.stopping and not self.busy:
-                return
+        finally:
+            self.busy = False
+            for peer in peers:
+                peer.close()
+            selector.close()
+
+    def serve_ready(self, peer: Peer) -> bool:
+        """Read what `peer` sent and act on it; False when the connection ends."""
+        conn, connection = peer.sock, peer.codec
+        data = conn.recv(RECV_SIZE)
+        if not data:
+            if connection.request_id is not None:
+                log(f"connection ended: closed by the web server inside request "
+                    f"{connection.request_id}")
+            elif connection.pending:
+                log(f"connection ended: closed by the web server inside a record "
+                    f"({connection.pending} bytes of it read)")
+            return False
+        self.busy = True
+        events = connection.receive_data(data)
+        answer = connection.data_to_send()
+        if answer:
+            conn.sendall(answer)
+        for event in events:
+            kind = type(event)
+            if kind is Stdin:
+                if peer.body is None:
+                    continue  # a stray record after the body's end
+                if event.data:
+                    peer.body.write(event.data)
+                    peer.body_size += len(event.data)
+                    continue
+                if peer.params is None:
+                    # The codec passes STDIN on as it comes; without the
+                    # params there is no request to run.
+                    raise fastcgi.ProtocolError("STDIN ended before the PARAMS stream")
+                body, peer.body = peer.body, None
+                body.seek(0)
+                try:
+                    if not self.run_request(conn, connection, peer.params, body,
+                                            peer.body_size):
+                        return False  # the response was cut short: drop the connection
+                finally:
+                    body.close()  # a spooled body's temporary file goes now
+                if not connection.keep_conn or self.stopping:
+                    return False
+            elif kind is Params:
+                peer.params = event.params
+            elif kind is BeginRequest:
+                peer.body = tempfile.SpooledTemporaryFile(SPOOL_THRESHOLD)
+                peer.body_size = 0
+                peer.params = None  # never the previous request's, on a kept connection
+            elif kind is AbortRequest:
+                if connection.request_id is None:
+                    # Read in the same batch as the body's end, so the
+                    # request has run and ended already: nothing to abort.
+                    continue
+                # Aborted before the app ran: nothing to stop, just end it.
+                conn.sendall(connection.finish())
+                peer.body.close()
+                peer.body = None
+                if not connection.keep_conn:
+                    return False
+        return True
 
     def run_request(self, conn, connection, params, body, body_size: int) -> bool:
         """Call the app for one request; False if the connection must go (the

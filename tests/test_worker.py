@@ -436,6 +436,22 @@ def test_abort_read_together_with_the_body_end_does_not_kill_the_worker(worker):
     client.close()
 
 
+def test_several_kept_connections_are_served_side_by_side(worker):
+    """nginx with keepalive holds several connections to one worker: each is
+    served when it has a request, none waits for another to close."""
+    first, second = FastCGIClient(worker.path), FastCGIClient(worker.path)
+    assert ask(first, "/pid").status == 200  # `first` stays open, idle
+    assert ask(second, "/pid").status == 200
+    assert ask(first, "/pid").status == 200
+    half = request_bytes("/pid")
+    first.send(half[:10])  # a request begun on one connection...
+    assert ask(second, "/pid").status == 200  # ...does not hold up another
+    first.send(half[10:])
+    assert first.read_response()[2].protocol_status == ProtocolStatus.REQUEST_COMPLETE
+    first.close()
+    second.close()
+
+
 def test_request_fed_one_byte_at_a_time_is_served(echo_worker):
     client = FastCGIClient(echo_worker.path)
     data = request_bytes("/b", "POST", b"xyz")
