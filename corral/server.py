@@ -5,7 +5,9 @@ right order and stopped gracefully on SIGTERM or SIGINT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -36,9 +38,20 @@ class Server:
         self.stop_requested = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.handle_signal, signum)
+        # SIGHUP's default would kill us mid-request; restarts are to come.
+        loop.add_signal_handler(signal.SIGHUP, log.warning,
+                                "SIGHUP received: ignored (this version does not restart "
+                                "on SIGHUP; stop and start corral instead)")
         run_dir = Path(tempfile.mkdtemp(prefix="corral-"))
         pool = Pool(self.config, run_dir)
-        front = Front(self.config, pool)
+        try:
+            front = Front(self.config, pool)
+        except OSError as exc:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            log.error("%s: [server] access_log: cannot open %s (%s). Fix: give a file in a "
+                      "folder corral may write to, \"-\" for standard error, or \"\" for none",
+                      self.config.source, exc.filename, exc.strerror)
+            return EXIT_CONFIG
         try:
             for bind in self.config.server["bind"]:
                 try:
@@ -52,6 +65,9 @@ class Server:
             return await self._serve(pool, front)
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
+            for path in front.unix_paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     async def _serve(self, pool: Pool, front: Front) -> int:
         loop = asyncio.get_running_loop()

@@ -115,7 +115,9 @@ def test_bind_forms(text, protocol, shown):
     assert (bind.protocol, str(bind)) == (protocol, shown)
 
 
-@pytest.mark.parametrize("text", ["localhost", "fastcgi+unix:", "fastcgi+tcp:x", ":99999"])
+@pytest.mark.parametrize("text", ["localhost", "fastcgi+unix:", "fastcgi+tcp:x", ":99999",
+                                  "unix:", "[::1:8000", "0.0.0.0:0:0", " 127.0.0.1:8000",
+                                  "::1:8000"])
 def test_bad_bind_forms_are_refused(text):
     with pytest.raises(ValueError):
         Bind.parse(text)

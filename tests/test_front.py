@@ -79,7 +79,7 @@ def test_query_string_and_absolute_form(cases_server):
     seen = echo(cases_server, b"GET http://example.org/echo?x=1&y=%20 HTTP/1.1\r\nHost: a\r\n\r\n")
     assert seen["PATH_INFO"] == "/echo"
     assert seen["QUERY_STRING"] == "x=1&y=%20"
-    assert seen["HTTP_HOST"] == "a"
+    assert seen["HTTP_HOST"] == "example.org"  # RFC 9112 3.2.2: the target wins
 
 
 def test_header_with_underscore_is_not_passed(cases_server):
@@ -246,6 +246,34 @@ def test_requests_queue_when_every_worker_is_busy(cases_server):
     assert results == [200] * 5
 
 
+def test_pipelined_expect_gets_no_100_inside_another_response(cases_server):  # K11
+    with connect(cases_server.port) as sock:
+        sock.sendall(b"GET /big?3000000 HTTP/1.1\r\nHost: a\r\n\r\n"
+                     b"POST /digest HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+                     b"Expect: 100-continue\r\n\r\nhello")
+        status, _, body, _ = read_response(sock)
+        assert status == 200 and b"100 Continue" not in body and len(body) == 3_000_000
+        status, _, body, _ = read_response(sock)
+        assert status == 200 and body.startswith(b"5 ")
+
+
+@pytest.mark.parametrize("path", [b"/length?over", b"/length?under"])
+def test_app_body_never_passes_its_content_length(cases_server, path):
+    """More than announced would be read as the next response (a desync);
+    less is a truncation the client must see as one: both end the connection."""
+    with connect(cases_server.port) as sock:
+        sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+                     b"GET /pid HTTP/1.1\r\nHost: a\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"Content-Length: 10\r\n" in head
+    assert body == (b"0123456789" if path.endswith(b"over") else b"01234")
+    assert data.count(b"HTTP/1.1") == 1  # no second response: the connection ended
+    cases_server.wait_for(r"longer than its Content-Length|ended 5 bytes short")
+
+
 # -- refusals: 4xx, closed, the app never called -------------------------------------
 
 REFUSED = {
@@ -276,6 +304,11 @@ REFUSED = {
     "body over the limit": (b"POST /echo HTTP/1.1\r\nHost: a\r\n"
                             b"Content-Length: 999999999999\r\n\r\n", 413),
     "target too long": (b"GET /echo?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+    "HTTP/2.0 in the request line": (b"GET /echo HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    "HTTP/0.9 (no version)": (b"GET /echo\r\n\r\n", 400),
+    "a fragment in the target": (b"GET /echo?q=1#frag HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "absolute form with no host": (b"GET http:///echo HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "absolute form with userinfo": (b"GET http://u@h/echo HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     "head too large": (b"GET /echo HTTP/1.1\r\nHost: a\r\n"
                        + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1000) for i in range(70))
                        + b"\r\n", 431),
@@ -324,7 +357,7 @@ def test_static_file_validators(cases_server):
 @pytest.mark.parametrize("target", [
     b"/files/.secret", b"/files/../corral.toml", b"/files/%2e%2e/corral.toml",
     b"/files/..%2fcorral.toml", b"/files/escape/corral.toml", b"/files/", b"/files/nope",
-    b"/files/config.toml"])
+    b"/files/config.toml", b"/files/hello.txt/"])
 def test_static_refuses_what_it_must_not_serve(cases_server, target):
     public = cases_server.app_dir / "public"
     if not (public / "escape").exists():

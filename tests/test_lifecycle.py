@@ -154,3 +154,46 @@ def test_deploy_step_runs_in_the_apps_folder_and_environment(tmp_path):
         assert "exit status 0" in log
     finally:
         server.stop()
+
+
+def test_access_log_path_is_relative_to_the_app_folder(tmp_path):
+    app = cases_app(tmp_path, server='access_log = "logs/access.log"')
+    server = ServerProcess(app).wait_ready()
+    try:
+        assert get(server.port, b"/pid")[0] == 200
+    finally:
+        assert server.stop() == 0
+    assert '"GET /pid HTTP/1.1" 200' in (app / "logs" / "access.log").read_text()
+
+
+def test_access_log_that_cannot_be_opened_is_a_config_error(tmp_path):
+    app = cases_app(tmp_path, server='access_log = "/proc/no/such/access.log"')
+    server = ServerProcess(app)
+    assert server.proc.wait(60) == 2
+    server.stop()
+    assert "[server] access_log: cannot open" in server.log and "Fix:" in server.log
+
+
+def test_sighup_does_not_stop_the_server(tmp_path):
+    server = ServerProcess(cases_app(tmp_path)).wait_ready()
+    try:
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for(r"SIGHUP received: ignored")
+        assert get(server.port, b"/pid")[0] == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_unix_socket_of_the_front_is_removed_on_stop_and_never_stolen(tmp_path):
+    app = cases_app(tmp_path)
+    path = tmp_path / "front.sock"
+    server = ServerProcess(app, bind=f"unix:{path}")
+    server.wait_for(r"INFO ready: ")
+    assert path.exists()
+    # A second server on the same, live socket is refused, not let steal it.
+    second = ServerProcess(app, bind=f"unix:{path}")
+    assert second.proc.wait(60) == 2
+    second.stop()
+    assert "another server listens on this socket" in second.log
+    assert server.stop() == 0
+    assert not path.exists()

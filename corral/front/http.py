@@ -121,6 +121,7 @@ class HttpConnection(asyncio.Protocol):
         self.keep_alive = True
         self.chunked_response = False
         self.body_expected = True
+        self.remaining: int | None = None  # body bytes the response head still owes
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.timer_kind = ""
@@ -246,10 +247,18 @@ class HttpConnection(asyncio.Protocol):
         request.method = parser.get_method()
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
+        if request.version not in ("1.1", "1.0"):
+            # llhttp takes any digit.digit and a bare "GET /" (HTTP/0.9).
+            if request.version == "0.9":
+                raise BadRequest("HTTP/0.9 requests are not served")
+            raise BadRequest(f"HTTP/{request.version} is not supported", 505)
         self.check_head(request)
         self.arm("body", self.limits["body_timeout"])
-        if request.expect_continue and request.version == "1.1" and (
-                request.chunked or request.content_length):
+        if (request.expect_continue and request.version == "1.1"
+                and (request.chunked or request.content_length)
+                and self.current is None and not self.pipeline):
+            # Only when no response is on its way: a 100 written now would
+            # land inside it.  A pipelining client sends its body anyway.
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, data: bytes) -> None:
@@ -331,15 +340,22 @@ class HttpConnection(asyncio.Protocol):
             return
         if method == b"CONNECT":
             raise BadRequest("CONNECT is not supported", 405)
+        if b"#" in target:
+            raise BadRequest("a fragment (#) in the request target")  # RFC 9112 3.2
         if not target.startswith(b"/"):
             scheme, sep, rest = target.partition(b"://")
             if not sep or scheme.lower() not in (b"http", b"https") or not rest:
                 raise BadRequest("request target is not a path")
             authority, slash, rest = rest.partition(b"/")
-            request.host = authority  # RFC 9112 3.2.2: the target's host wins
+            if not authority or b"@" in authority:
+                raise BadRequest("absolute-form target without a plain host")
+            # RFC 9112 3.2.2: the target's host wins over the Host field, for
+            # the app too (it reads HTTP_HOST).
+            request.host = authority
+            request.headers = [(n, authority if n.lower() == b"host" else v)
+                               for n, v in request.headers]
             target = request.target = b"/" + rest
         path, _, request.query = target.partition(b"?")
-        path = path.partition(b"#")[0]
         request.path = unquote_to_bytes(path) if b"%" in path else path
         if b"\x00" in request.path:
             raise BadRequest("NUL in the request path")
@@ -357,6 +373,14 @@ class HttpConnection(asyncio.Protocol):
         """The current response is complete: log it, then the next one."""
         request, self.current = self.current, None
         self.link = None
+        if self.remaining and not self.lost:
+            # Shorter than announced: only a close tells the client so.
+            log.warning("%s %s: the response body ended %d bytes short of its "
+                        "Content-Length; closing the connection",
+                        request.method.decode("latin-1"), request.target.decode("latin-1"),
+                        self.remaining)
+            self.keep_alive = False
+        self.remaining = None
         self.server.log_access(self, request)
         if request.body is not None and not isinstance(request.body, bytearray):
             request.body.close()
@@ -389,6 +413,7 @@ class HttpConnection(asyncio.Protocol):
         self.body_expected = not no_body
         out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         has_length = False
+        declared = None
         for name, value in headers:
             lower = name.lower()
             if lower in _HOP_BY_HOP:
@@ -399,6 +424,7 @@ class HttpConnection(asyncio.Protocol):
                 if status in _NO_BODY_STATUS:
                     continue
                 has_length = True
+                declared = int(value)  # digits only: checked where the head came from
             elif lower == b"date" or lower == b"server":
                 continue
             out += (name, b": ", value, b"\r\n")
@@ -418,13 +444,34 @@ class HttpConnection(asyncio.Protocol):
         elif request.version == "1.0":
             out.append(b"Connection: keep-alive\r\n")
         out.append(b"\r\n")
+        # The body must be exactly what the head announced: more would be
+        # read by the client as the start of the next response.
+        self.remaining = declared if declared is not None and not no_body else None
         if body and not no_body:
+            body = self.clip(body)
             out.append(body)
             request.sent += len(body)
         self.transport.write(b"".join(out))
 
+    def clip(self, data: bytes) -> bytes:
+        """`data` cut to what is left of the announced Content-Length."""
+        remaining = self.remaining
+        if remaining is None:
+            return data
+        if len(data) > remaining:
+            if self.keep_alive or remaining:
+                log.warning("%s: the response body is longer than its Content-Length; "
+                            "the excess is dropped and the connection closed", self.describe())
+            self.keep_alive = False
+            data = data[:remaining]
+        self.remaining = remaining - len(data)
+        return data
+
     def write_body(self, data: bytes) -> None:
         if not self.body_expected or not data or self.lost:
+            return
+        data = self.clip(data)
+        if not data:
             return
         self.current.sent += len(data)
         if self.chunked_response:

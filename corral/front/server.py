@@ -6,10 +6,14 @@ graceful stop.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import socket
 import stat
+import sys
 import time
+from pathlib import Path
 
 from corral.config import AppConfig, Bind
 from corral.front import static
@@ -33,13 +37,17 @@ def _field(value: bytes | None) -> str:
 class AccessLog:
     """Apache combined format, written straight to a file (one write a line)."""
 
-    def __init__(self, target: str) -> None:
-        import sys
+    def __init__(self, target: str, root: Path) -> None:
+        """`target`: a file (relative to the app folder `root`, its folder
+        made if missing), "-" for standard error, or "" for none.  OSError
+        if the file cannot be opened."""
         self.out = None
         if target == "-":
             self.out = sys.stderr
         elif target:
-            self.out = open(target, "a", encoding="utf-8", buffering=1)
+            path = root / target
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.out = open(path, "a", encoding="utf-8", buffering=1)
         self._second = 0
         self._stamp = ""
 
@@ -69,6 +77,25 @@ class AccessLog:
 _ALLOW_ALL = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
+def remove_stale_socket(path: str) -> None:
+    """Remove a unix socket left by a run that ended without cleaning up;
+    one that something still listens on is in use (OSError)."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return  # not a socket: let bind() say what is wrong
+    except FileNotFoundError:
+        return
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+            return
+        except OSError:
+            return
+    raise OSError(errno.EADDRINUSE, "another server listens on this socket", path)
+
+
 def _cgi_name(name: bytes) -> bytes:
     return b"HTTP_" + name.upper().replace(b"-", b"_")
 
@@ -84,12 +111,13 @@ class Front:
         forbidden = (config.config_file,) if config.config_file else ()
         self.static = [StaticMapping(prefix, folder, forbidden)
                        for prefix, folder in config.static]
-        self.access = AccessLog(config.server["access_log"])
+        self.access = AccessLog(config.server["access_log"], config.root)
         self.connections: set[HttpConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.stopping = False
         self.requests_seen = 0
         self.addresses: list[str] = []
+        self.unix_paths: list[str] = []  # sockets we bound, removed when we stop
 
     async def start(self, bind: Bind) -> None:
         """Listen on `bind`, for HTTP clients or for a web server's FastCGI."""
@@ -99,9 +127,9 @@ class Front:
         else:
             factory = lambda: HttpConnection(self)  # noqa: E731
         if bind.path:
-            if os.path.exists(bind.path) and stat.S_ISSOCK(os.stat(bind.path).st_mode):
-                os.unlink(bind.path)  # a stale socket of an earlier run
+            remove_stale_socket(bind.path)
             server = await loop.create_unix_server(factory, bind.path, backlog=1024)
+            self.unix_paths.append(bind.path)
         else:
             server = await loop.create_server(factory, bind.host, bind.port,
                                               backlog=1024, reuse_address=True)
@@ -157,8 +185,9 @@ class Front:
             (b"REQUEST_METHOD", request.method),
             (b"REQUEST_URI", request.target),
             (b"QUERY_STRING", request.query),
-            (b"SCRIPT_NAME", b""),
-            (b"PATH_INFO", request.path),
+            # SCRIPT_NAME, PATH_INFO and, for a document root, SCRIPT_FILENAME:
+            # the engine's business, so the pool says.
+            *self.pool.script_params(request.path),
             (b"SERVER_PROTOCOL", b"HTTP/" + request.version.encode()),
             (b"SERVER_NAME", server_name or b"localhost"),
             (b"SERVER_PORT", server_port),

@@ -42,6 +42,8 @@ class StaticMapping:
             text = rest.decode("utf-8")
         except UnicodeDecodeError:
             return None
+        if text.endswith("/"):
+            return None  # a folder (no listings), or a file named as if it were one
         parts = [p for p in text.split("/") if p]
         if not parts or any(p.startswith(".") or "\\" in p for p in parts):
             return None
@@ -114,6 +116,7 @@ async def serve(connection, request, found: tuple[Path, os.stat_result]) -> None
         except (ConnectionError, RuntimeError):
             sent = 0  # the client went away (RuntimeError: transport closing)
     connection.current.sent += sent
+    connection.remaining = None  # accounted for here, not by the connection
     if sent < st.st_size:
         connection.keep_alive = False  # it shrank under us, or the client left
     connection.finish()

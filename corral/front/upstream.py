@@ -58,6 +58,12 @@ def parse_cgi_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
             continue
         if lower == b"location":
             location = True
+        elif lower == b"content-length":
+            if not value.isdigit() or any(n.lower() == b"content-length" and v != value
+                                          for n, v in headers):
+                raise GatewayError(f"worker sent an invalid Content-Length {value[:80]!r}")
+            if any(n.lower() == b"content-length" for n, _ in headers):
+                continue  # an identical repeat: one is enough
         headers.append((name, value))
     if location and not has_status:
         status, reason = 302, b"Found"

@@ -211,7 +211,16 @@ def closing_fails(environ, start_response):
     return FailingClosing(environ.get("QUERY_STRING") == "late")
 
 
+def length(environ, start_response):
+    """A body that does not match its own Content-Length: longer or shorter."""
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "10")])
+    if environ.get("QUERY_STRING") == "over":
+        return [b"0123456789", b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nsmuggle"]
+    return [b"01234"]
+
+
 ROUTES.update({
+    "/length": length,
     "/exc-info-after-empty": exc_info_after_empty, "/digest": digest,
     "/slow-logged": slow_logged, "/closing-fails": closing_fails,
 })
