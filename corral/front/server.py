@@ -158,7 +158,7 @@ class Front:
                                                  [(b"Allow", b"GET, HEAD")]))
                 else:
                     asyncio.get_running_loop().create_task(
-                        static.serve(conn, request, found))
+                        static.serve(conn, request, found, mapping.folder))
                 return
         mount = self.mount
         if mount and not (path == mount or path.startswith(mount + b"/")):
