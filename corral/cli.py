@@ -24,6 +24,23 @@ def setup_logging(level: str = "INFO") -> None:
     logger.propagate = False
 
 
+def raise_open_file_limit() -> int:
+    """Raise our soft limit on open files to the hard limit: each client
+    holds a descriptor, and the usual soft limit of 1024 is far below what
+    the front can hold.  Returns the limit now in force."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def run(coro):
     """Run on uvloop when it is installed, else on asyncio's own loop."""
     try:
@@ -51,6 +68,8 @@ def cmd_serve(args) -> int:
         print(f"corral: config error: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_level)
+    limit = raise_open_file_limit()
+    logging.getLogger("corral.error").info("open-file limit: %d", limit)
     return run(Server(config).run())
 
 
