@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from corral.settings import BY_NAME, FREE_SECTIONS, SECTIONS, SETTINGS, Setting
+from corral.settings import (
+    BUILTIN_ENGINE,
+    BY_NAME,
+    FREE_SECTIONS,
+    NAMED_SECTIONS,
+    SECTIONS,
+    SETTINGS,
+    Setting,
+)
 
 CONFIG_NAME = "corral.toml"
 
@@ -49,11 +58,12 @@ class Bind:
             if not text[5:]:
                 raise ValueError("unix: needs a socket path")
             return cls(path=text[5:], protocol=protocol)
-        match = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", text)
-        if not match or int(match.group(2)) > 65535:
+        # A host name or IPv4 address, or an IPv6 address in brackets.
+        match = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]*)):(\d{1,5})", text)
+        if not match or int(match.group(3)) > 65535:
             raise ValueError(f"{text!r} is not one of {cls.FORMS}")
-        return cls(host=match.group(1) or "127.0.0.1", port=int(match.group(2)),
-                   protocol=protocol)
+        host = match.group(1) or match.group(2) or "127.0.0.1"
+        return cls(host=host, port=int(match.group(3)), protocol=protocol)
 
     def __str__(self) -> str:
         prefix = "fastcgi+" if self.protocol == "fastcgi" else ""
@@ -72,6 +82,26 @@ class DeployStep:
 
 
 @dataclass
+class Engine:
+    """How an app's workers are started and reached (docs/engines.md)."""
+    name: str = BUILTIN_ENGINE
+    command: tuple[str, ...] | None = None  # program found on PATH; {port} left in
+    transport: str = "unix"  # unix or tcp
+    env: dict[str, str] = field(default_factory=dict)
+    ports: tuple[int, int] | None = None  # inclusive range, for transport tcp
+    address: Bind | None = None  # a server corral connects to but does not start
+
+    @property
+    def builtin(self) -> bool:
+        return self.name == BUILTIN_ENGINE
+
+    @property
+    def listens_itself(self) -> bool:
+        """The command binds its own port ({port}) instead of taking fd 0."""
+        return bool(self.command) and any("{port}" in arg for arg in self.command)
+
+
+@dataclass
 class AppConfig:
     root: Path
     config_file: Path | None
@@ -86,6 +116,9 @@ class AppConfig:
     deploy: DeployStep
     static: list[tuple[str, Path]]
     server: dict[str, object] = field(default_factory=dict)
+    engine: Engine = field(default_factory=Engine)
+    docroot: Path | None = None  # [app] root, resolved: where scripts are found
+    index: str = "index.php"
 
     @property
     def name(self) -> str:
@@ -97,8 +130,9 @@ class AppConfig:
         return str(self.config_file or self.root)
 
 
-def _check(setting: Setting, value, file: Path):
-    """`value` converted to the setting's kind, or ConfigError."""
+def _check(setting: Setting, value, file: Path, where: str | None = None):
+    """`value` converted to the setting's kind, or ConfigError naming `where`
+    (default: the setting's own name)."""
     kind = setting.kind
     ok = {
         "str": isinstance(value, str),
@@ -109,18 +143,129 @@ def _check(setting: Setting, value, file: Path):
                    and all(isinstance(v, str) for v in value),
         "addresses": isinstance(value, str) or (
             isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)),
+        "choice": value in setting.choices,
+        "table": isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
     }[kind]
     if not ok:
         wanted = {"str": "a string", "int": "an integer", "float": "a number",
                   "bool": "true or false",
                   "command": "a non-empty list of strings",
-                  "addresses": "an address or a list of addresses"}[kind]
-        raise ConfigError(file, setting.name, f"expected {wanted}, got {value!r}",
+                  "addresses": "an address or a list of addresses",
+                  "choice": "one of " + ", ".join(f'"{c}"' for c in setting.choices),
+                  "table": 'a table of strings, e.g. { NAME = "value" }'}[kind]
+        raise ConfigError(file, where or setting.name, f"expected {wanted}, got {value!r}",
                           f"set {setting.key} to {wanted} ({setting.help})")
     if setting.minimum is not None and value < setting.minimum:
-        raise ConfigError(file, setting.name, f"{value!r} is below {setting.minimum:g}",
+        raise ConfigError(file, where or setting.name, f"{value!r} is below {setting.minimum:g}",
                           f"use a value of at least {setting.minimum:g}")
     return float(value) if kind == "float" else value
+
+
+def _named_tables(section: str, tables: dict, file: Path) -> dict[str, dict]:
+    """The checked keys of each [section.NAME] table, by NAME."""
+    known = ", ".join(s.key for s in SETTINGS if s.section == section)
+    found = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(file, f"[{section}] {name}", "is not a table",
+                              f"declare it as a [{section}.NAME] table with the keys {known}")
+        checked = {}
+        for key, value in table.items():
+            setting = BY_NAME.get((section, key))
+            if setting is None:
+                raise ConfigError(file, f"[{section}.{name}] {key}", "unknown key",
+                                  f"remove it or use one of: {known}")
+            checked[key] = _check(setting, value, file, setting.name_in(name))
+        found[name] = checked
+    return found
+
+
+def _engine(name: str, tables: dict[str, dict], file: Path, root: Path,
+            app_env: dict[str, str], processes: int) -> Engine:
+    """The declared engine `name`, checked as far as it can be without
+    starting it: the program is on PATH, the port range fits the workers."""
+    if name not in tables:
+        declared = ", ".join(repr(n) for n in tables) or "none"
+        raise ConfigError(file, "[app] engine",
+                          f"no engine named {name!r} is declared (declared: {declared})",
+                          f"declare it in an [engines.{name}] table with a command or "
+                          f"an address, or use the built-in \"{BUILTIN_ENGINE}\"")
+    table = tables[name]
+
+    def key(k: str) -> str:
+        return BY_NAME[("engines", k)].name_in(name)
+
+    command, address = table.get("command"), table.get("address")
+    if command and address:
+        raise ConfigError(file, key("address"), "both command and address are set",
+                          "keep command to have corral start and supervise the engine, "
+                          "or address to connect to a FastCGI server that runs already")
+    if address:
+        for k in ("transport", "ports", "env"):
+            if k in table:
+                raise ConfigError(file, key(k), "does not apply to an engine with an "
+                                  "address, which corral does not start",
+                                  f"remove {k}, or replace address with a command")
+        try:
+            if address.startswith(("fastcgi+", "http+")):
+                raise ValueError(f"{address!r} is not HOST:PORT or unix:PATH")
+            bind = Bind.parse(address)
+        except ValueError as exc:
+            raise ConfigError(file, key("address"), str(exc),
+                              'write it as "127.0.0.1:9000" or "unix:/run/app.sock"') from None
+        return Engine(name, transport="unix" if bind.path else "tcp", address=bind)
+    if not command:
+        raise ConfigError(file, f"[engines.{name}]", "has neither command nor address",
+                          'add command = ["php-cgi"] (a FastCGI program corral starts) '
+                          'or address = "127.0.0.1:9000" (a server that runs already)')
+
+    transport = table.get("transport", "unix")
+    ports = None
+    text = table.get("ports")
+    if text is not None:
+        if transport != "tcp":
+            raise ConfigError(file, key("ports"), "only the tcp transport uses ports",
+                              'set transport = "tcp", or remove ports')
+        match = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", text)
+        low, high = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+        if not 1 <= low <= high <= 65535:
+            raise ConfigError(file, key("ports"), f"{text!r} is not a port range",
+                              'write it as "LOW-HIGH" with 1 <= LOW <= HIGH <= 65535, '
+                              'e.g. "9100-9199"')
+        if high - low + 1 < processes:
+            raise ConfigError(file, key("ports"),
+                              f"{text!r} has {high - low + 1} ports for {processes} workers",
+                              f"widen it to at least {processes} ports, or lower "
+                              "[app] processes")
+        ports = (low, high)
+    if any("{port}" in arg for arg in command):
+        if transport != "tcp":
+            raise ConfigError(file, key("command"), "has a {port} placeholder but the "
+                              "transport is unix", 'set transport = "tcp" and ports, '
+                              'or drop {port} to give the program its socket on fd 0')
+        if ports is None:
+            raise ConfigError(file, key("ports"), "the command has a {port} placeholder "
+                              "but no ports are given",
+                              'set ports = "9100-9199" (a range with a port for every worker)')
+
+    # Found now, with the PATH the workers will have, so a typo stops
+    # `corral serve` at once instead of failing every spawn.
+    env = table.get("env") or {}
+    search = {**os.environ, **env, **app_env}.get("PATH", os.defpath)
+    program = command[0]
+    if "/" in program:
+        path = (root / program).resolve()
+        found = str(path) if path.is_file() and os.access(path, os.X_OK) else None
+        where = f"{path} is not an executable file"
+    else:
+        found = shutil.which(program, path=search)
+        where = f"{program!r} is not found on PATH ({search})"
+    if found is None:
+        raise ConfigError(file, key("command"), where,
+                          "install the program (php-cgi: apt-get install php-cgi), "
+                          "or give its path, absolute or relative to the app folder")
+    return Engine(name, command=(found, *command[1:]), transport=transport,
+                  env=dict(env), ports=ports)
 
 
 def _read_toml(file: Path) -> dict:
@@ -169,6 +314,7 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
 
     # 1. Unknown sections and keys are errors, never silently ignored.
     values: dict[tuple[str, str], object] = {}
+    named: dict[str, dict[str, dict]] = {section: {} for section in NAMED_SECTIONS}
     for section, table in data.items():
         if section not in SECTIONS:
             raise ConfigError(source, f"[{section}]", "unknown section",
@@ -177,6 +323,9 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
             raise ConfigError(source, f"[{section}]", "is not a table",
                               f"write it as a [{section}] section")
         if section in FREE_SECTIONS:
+            continue
+        if section in NAMED_SECTIONS:
+            named[section] = _named_tables(section, table, source)
             continue
         for key, value in table.items():
             setting = BY_NAME.get((section, key))
@@ -204,9 +353,41 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
         env["DJANGO_SETTINGS_MODULE"] = settings_module
     env["PYTHONPATH"] = _resolve_pythonpath(env.get("PYTHONPATH", "."), root)
 
-    # 3. The WSGI callable: given, or the Django project's own.
+    # 3. The engine: the built-in python one, or one declared by name.  Keys
+    # that only one kind of engine reads are errors with the other kind.
+    name = get("app", "engine")
+    if BUILTIN_ENGINE in named["engines"]:
+        raise ConfigError(source, f"[engines.{BUILTIN_ENGINE}]",
+                          f"{BUILTIN_ENGINE!r} is the built-in engine",
+                          "give your engine another name")
+    if name == BUILTIN_ENGINE:
+        engine = Engine(transport=get("app", "transport"))
+        wrong = ("root", "index")
+    else:
+        engine = _engine(name, named["engines"], source, root, env, get("app", "processes"))
+        wrong = ("wsgi", "transport")
+    for key in wrong:
+        if ("app", key) in values:
+            raise ConfigError(source, f"[app] {key}",
+                              f"does not apply to the engine {name!r}",
+                              f"remove it (see docs/engines.md for what the {name!r} "
+                              "engine reads)")
+    docroot = None
+    if get("app", "root") is not None:
+        docroot = (root / get("app", "root")).resolve()
+        if not docroot.is_dir():
+            raise ConfigError(source, "[app] root", f"folder {docroot} does not exist",
+                              "create it or correct the path (relative to the app folder)")
+    index = get("app", "index")
+    if not index or index.startswith("/") or ".." in index.split("/"):
+        raise ConfigError(source, "[app] index", f"{index!r} is not a file name",
+                          'use a name in the document root, e.g. "index.php"')
+
+    # 4. The WSGI callable: given, or the Django project's own.
     wsgi = get("app", "wsgi")
-    if wsgi is None:
+    if not engine.builtin:
+        wsgi = ""  # the engine's own program serves the app
+    elif wsgi is None:
         if not settings_module:
             raise ConfigError(source, "[app] wsgi", "no WSGI callable is named",
                               'set wsgi = "package.module:application"')
@@ -225,7 +406,7 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
                           'use "/" or a prefix such as "/blog"')
     mount = mount.rstrip("/")
 
-    # 4. The deploy step: [deploy] file or command, or DEPLOY_FILE in [env].
+    # 5. The deploy step: [deploy] file or command, or DEPLOY_FILE in [env].
     deploy_file = env.get("DEPLOY_FILE") or get("deploy", "file")
     command = get("deploy", "command")
     if deploy_file and command:
@@ -247,7 +428,7 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
                         log=root / (env.get("DEPLOY_LOG") or get("deploy", "log")),
                         timeout=get("deploy", "timeout"), hold=get("deploy", "hold"))
 
-    # 5. Static mappings: every folder must exist and stay a folder.
+    # 6. Static mappings: every folder must exist and stay a folder.
     static = []
     for prefix, folder in data.get("static", {}).items():
         key = f'[static] "{prefix}"'
@@ -278,4 +459,5 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
         processes=get("app", "processes"), mount=mount,
         queue=get("app", "queue"), queue_timeout=get("app", "queue_timeout"),
         boot_timeout=get("app", "boot_timeout"), python=sys.executable,
-        env=env, deploy=deploy, static=static, server=server)
+        env=env, deploy=deploy, static=static, server=server,
+        engine=engine, docroot=docroot, index=index)

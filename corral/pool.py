@@ -1,20 +1,29 @@
 """The pool and its supervisor: an app's worker processes, their sockets and
 links, the deploy step, respawning, and the queue requests wait in.
 
-Each worker gets its own listening unix socket, passed as file descriptor 0,
-and the front keeps one FastCGI connection (a link) to it, so the pool always
-knows which worker is free and which pid served a request.  A worker that
-dies is reaped and replaced; the request it was serving gets a 502 naming
-its pid and the cause; every other request is unaffected.
+Each worker gets its own listening socket, passed as file descriptor 0 (a
+unix socket, or a TCP port on 127.0.0.1 with the tcp transport), and the
+front keeps one FastCGI connection (a link) to it, so the pool always knows
+which worker is free and which pid served a request.  A worker that dies is
+reaped and replaced; the request it was serving gets a 502 naming its pid
+and the cause; every other request is unaffected.
+
+The engine decides what a worker runs: corral's own `python -m corral.worker`,
+or any FastCGI program (php-cgi, ...) under the same supervision.  An engine
+with an `address` is a server someone else runs: the pool only keeps
+`processes` links to it and reconnects them, and spawns nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections import deque
@@ -37,6 +46,25 @@ FAILED_PAGE = ("<!doctype html><title>Service unavailable</title>"
 QUICK_EXIT = 2.0  # a worker that dies sooner than this after spawning is failing to boot
 MAX_BACKOFF = 10.0
 KILL_GRACE = 5.0  # after SIGTERM at stop, seconds before SIGKILL
+VALUES_GRACE = 2.0  # seconds a FastCGI program gets to answer GET_VALUES (see connect)
+CONNECT_RETRY = 0.05  # seconds between tries to reach a program that binds its own port
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_us(parent: int):
+    """A preexec_fn that makes the kernel send SIGTERM to an engine's program
+    when the supervisor dies, even by SIGKILL: php-cgi, unlike our own
+    worker (`--parent`), cannot ask for that itself."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    except (OSError, AttributeError):
+        return None
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os._exit(0)
+    return in_child
 
 
 def describe_exit(status: int | None) -> str:
@@ -48,6 +76,41 @@ def describe_exit(status: int | None) -> str:
         except ValueError:
             return f"killed by signal {-status}"
     return f"exit status {status}"
+
+
+def find_script(docroot: bytes, index: bytes, rest: bytes) -> tuple[bytes, bytes]:
+    """The script (as "/a/b.php") and PATH_INFO for the path `rest` below the
+    document root, the way web servers serve PHP:
+
+    1. The longest leading part of the path that is a file with the index's
+       suffix (.php) is the script; what follows is PATH_INFO.  Other files
+       are never handed to the engine to run: php-cgi would execute a .txt.
+    2. A folder gets its index file, if it has one.
+    3. Anything else goes to the index of the document root (a "front
+       controller"), with the whole path as PATH_INFO.
+    A "." or ".." segment never names a file here, so no path leaves the root.
+    """
+    fallback = (b"/" + index, rest)
+    segments = rest.split(b"/")[1:] if rest.startswith(b"/") else [rest] if rest else []
+    if b"." in segments or b".." in segments:
+        return fallback
+    suffix = os.path.splitext(index)[1]
+    here = b""
+    for i, segment in enumerate(segments):
+        if not segment:
+            break  # "//" or a trailing "/": folders only from here
+        here += b"/" + segment
+        full = docroot + here
+        if os.path.isfile(full):
+            if suffix and not segment.endswith(suffix):
+                return fallback
+            tail = segments[i + 1:]
+            return here, b"/" + b"/".join(tail) if tail else b""
+        if not os.path.isdir(full):
+            return fallback
+    if os.path.isfile(docroot + here + b"/" + index):
+        return here + b"/" + index, b""
+    return fallback
 
 
 class Waiter:
@@ -81,6 +144,9 @@ class WorkerProcess:
         self.proc: asyncio.subprocess.Process | None = None
         name = f"{pool.config.name}-{generation}-{slot}-{id(self):x}.sock"
         self.socket_path = pool.run_dir / name
+        # Where its link connects: the socket path, or (host, port) for tcp.
+        self.address: str | tuple[str, int] = str(self.socket_path)
+        self.port = 0  # its TCP port, with the tcp transport
         self.link: Link | None = None
         self.state = "booting"  # booting, idle, busy, stopping, dead
         self.spawned = time.monotonic()
@@ -109,10 +175,13 @@ class Pool:
         self.quick_exits = 0
         self.ever_ready = False
         self.tasks: set[asyncio.Task] = set()
+        self.engine = config.engine
+        self.attach_failures: dict[int, int] = {}  # by slot, for an address engine
         self.env = self._worker_env()
 
     def _worker_env(self) -> dict[str, str]:
         env = dict(os.environ)
+        env.update(self.config.engine.env)  # the engine's defaults; the app's [env] wins
         env.update(self.config.env)
         inherited = os.environ.get("PYTHONPATH")
         if inherited:
@@ -171,9 +240,12 @@ class Pool:
             task.cancel()
         procs = [w.proc for w in self.workers.values() if w.proc is not None]
         for worker in self.workers.values():
+            # Idle links go first: php-cgi waits for the next request on a kept
+            # connection and heeds SIGTERM only once that connection ends.
+            if worker.state == "idle" and worker.link is not None and not worker.link.closed:
+                worker.link.transport.close()
             worker.state = "stopping"
-            if worker.proc is not None and worker.proc.returncode is None:
-                worker.proc.send_signal(signal.SIGTERM)
+            self._signal(worker, signal.SIGTERM)
         if procs:
             done, pending = await asyncio.wait(
                 [asyncio.ensure_future(p.wait()) for p in procs], timeout=KILL_GRACE)
@@ -181,7 +253,7 @@ class Pool:
                 if worker.proc is not None and worker.proc.returncode is None:
                     log.warning("worker pid %s did not stop in %.0f s: SIGKILL",
                                 worker.pid, KILL_GRACE)
-                    worker.proc.kill()
+                    self._signal(worker, signal.SIGKILL)
             if pending:
                 await asyncio.wait(pending, timeout=KILL_GRACE)
         for worker in self.workers.values():
@@ -194,50 +266,155 @@ class Pool:
 
     # -- workers -------------------------------------------------------------
 
+    def _signal(self, worker: WorkerProcess, sig: int) -> None:
+        """Signal the worker's whole process group (it leads its own session),
+        so that children a FastCGI program forks (PHP_FCGI_CHILDREN) go too."""
+        if worker.proc is None or worker.proc.returncode is not None:
+            return  # not started, or reaped: its pid may be someone else's now
+        try:
+            os.killpg(worker.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # the group leader is gone; its pid still ours
+            worker.proc.send_signal(sig)
+
+    def _listen(self, worker: WorkerProcess) -> socket.socket | None:
+        """The listening socket the worker gets as fd 0, or None for a program
+        that binds the port it is given ({port}); sets worker.address."""
+        engine = self.engine
+        if engine.transport == "unix":
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                listener.bind(str(worker.socket_path))
+                os.chmod(worker.socket_path, 0o600)
+                listener.listen(64)
+            except OSError:
+                listener.close()
+                raise
+            return listener
+        taken = {w.port for w in self.workers.values() if w is not worker and w.state != "dead"}
+        low, high = engine.ports or (0, 0)
+        for port in range(low, high + 1):
+            if port and port in taken:
+                continue
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # Accepted connections inherit it: the worker's small writes
+                # (a head, then a body) must not wait for delayed ACKs.
+                listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                listener.bind(("127.0.0.1", port))
+            except OSError as exc:
+                listener.close()
+                if exc.errno == errno.EADDRINUSE:
+                    continue
+                raise
+            worker.port = listener.getsockname()[1]
+            worker.address = ("127.0.0.1", worker.port)
+            if engine.listens_itself:
+                # Only a probe: the program binds the port itself.  Someone
+                # else may take it in between; the program then exits and its
+                # respawn tries the next free port.
+                listener.close()
+                return None
+            listener.listen(64)
+            return listener
+        raise OSError(errno.EADDRINUSE, f"no free port in {low}-{high} on 127.0.0.1")
+
+    def _argv(self, worker: WorkerProcess) -> list[str]:
+        config = self.config
+        if self.engine.builtin:
+            return [config.python, "-m", "corral.worker", config.wsgi,
+                    "--mount", config.mount, "--parent", str(os.getpid())]
+        return [arg.replace("{port}", str(worker.port)) for arg in self.engine.command]
+
     async def spawn(self, slot: int, delay: float = 0.0) -> None:
         """Start the worker of `slot` and wait until it is ready."""
         if delay:
             await asyncio.sleep(delay)
         if self.state == "stopping":
             return
+        if self.engine.address is not None:
+            await self.attach(slot)
+            return
         config = self.config
         worker = WorkerProcess(self, slot, self.generation)
         self.workers[slot] = worker
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener = None
         try:
-            listener.bind(str(worker.socket_path))
-            os.chmod(worker.socket_path, 0o600)
-            listener.listen(64)
+            listener = self._listen(worker)
             worker.proc = await asyncio.create_subprocess_exec(
-                config.python, "-m", "corral.worker", config.wsgi,
-                "--mount", config.mount, "--parent", str(os.getpid()),
-                stdin=listener.fileno(), stdout=sys.stderr.fileno(),
-                cwd=config.root, env=self.env, start_new_session=True)
+                *self._argv(worker),
+                stdin=listener.fileno() if listener else subprocess.DEVNULL,
+                stdout=sys.stderr.fileno(), cwd=config.root, env=self.env,
+                start_new_session=True,
+                preexec_fn=None if self.engine.builtin else _die_with_us(os.getpid()))
         except OSError as exc:
             log.error("cannot spawn a worker for %s: %s", config.name, exc)
+            worker.state = "dead"
+            self.quick_exits += 1
             self._task(self.spawn(slot, self._backoff()))
             return
         finally:
-            listener.close()
+            if listener is not None:
+                listener.close()
         worker.pid = worker.proc.pid
         worker.spawned = time.monotonic()
-        log.info("spawned worker pid %s for %s (slot %s)", worker.pid, config.name, slot)
+        where = f" on 127.0.0.1:{worker.port}" if worker.port else ""
+        log.info("spawned worker pid %s for %s (slot %s)%s", worker.pid, config.name,
+                 slot, where)
         exited = self._task(self.reap(worker))
         await self.connect(worker, exited)
 
+    async def _open(self, worker: WorkerProcess) -> Link:
+        loop = asyncio.get_running_loop()
+        factory = lambda: Link(worker, self.link_lost)  # noqa: E731
+        if isinstance(worker.address, str):
+            _, link = await loop.create_unix_connection(factory, worker.address)
+        else:
+            _, link = await loop.create_connection(factory, *worker.address)
+        return link
+
     async def connect(self, worker: WorkerProcess, exited: asyncio.Task | None = None) -> None:
         """Open the link to `worker` and wait for its readiness answer."""
-        loop = asyncio.get_running_loop()
-        try:
-            _, link = await loop.create_unix_connection(
-                lambda: Link(worker, self.link_lost), str(worker.socket_path))
-        except OSError as exc:
-            log.error("cannot connect to worker pid %s: %s", worker.pid, exc)
-            return  # reap() handles the process
+        deadline = time.monotonic() + self.config.boot_timeout
+        while True:
+            try:
+                link = await self._open(worker)
+                break
+            except OSError as exc:
+                # A program that binds its own port ({port}) has nothing
+                # listening there until it has started: try again until it
+                # listens, exits or runs out of boot time.
+                if (not self.engine.listens_itself or (exited and exited.done())
+                        or self.state == "stopping"):
+                    log.error("cannot connect to worker pid %s: %s", worker.pid, exc)
+                    return  # reap() handles the process
+                if time.monotonic() > deadline:
+                    log.error("worker pid %s did not listen on 127.0.0.1:%s in %.0f s: "
+                              "killing it", worker.pid, worker.port, self.config.boot_timeout)
+                    self._signal(worker, signal.SIGKILL)
+                    return
+                if exited is None:
+                    await asyncio.sleep(CONNECT_RETRY)
+                else:  # and notice an exit at once
+                    await asyncio.wait({exited}, timeout=CONNECT_RETRY)
         worker.link = link
         wait = {link.ready} | ({exited} if exited else set())
-        done, _ = await asyncio.wait(wait, timeout=self.config.boot_timeout,
+        timeout = max(deadline - time.monotonic(), 0.1)
+        if not self.engine.builtin:
+            timeout = min(timeout, VALUES_GRACE)
+        done, _ = await asyncio.wait(wait, timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
+        if not done and not self.engine.builtin and not link.closed:
+            # Readiness is the GET_VALUES answer, which php-cgi and the FastCGI
+            # libraries we know send once they have accepted the connection.
+            # A program that ignores it is taken as ready when its socket has
+            # accepted our connection; requests sent before it calls accept()
+            # wait in the socket's queue, so nothing is lost.
+            log.info("worker pid %s did not answer GET_VALUES in %.0f s; counting "
+                     "the accepted connection as ready", worker.pid, VALUES_GRACE)
+            link.ready.set_result({})
         if link.ready.done() and not link.ready.exception():
             if worker.state == "booting":
                 log.info("worker pid %s ready in %.2f s", worker.pid,
@@ -248,7 +425,7 @@ class Pool:
         elif not done:
             log.error("worker pid %s did not become ready in %.0f s: killing it",
                       worker.pid, self.config.boot_timeout)
-            worker.proc.kill()
+            self._signal(worker, signal.SIGKILL)
         elif link.ready.done():
             link.ready.exception()  # consumed; reap() reports the exit
 
@@ -261,7 +438,16 @@ class Pool:
             log.info("worker pid %s stopped (%s)", worker.pid, describe_exit(status))
             return
         lived = time.monotonic() - worker.spawned
-        if status == EXIT_APP_LOAD_ERROR and previous == "booting":
+        # php-cgi exits by itself after PHP_FCGI_MAX_REQUESTS (500 by default)
+        # requests: a recycle, neither a crash nor a failure to boot.
+        recycled = (not self.engine.builtin and status == 0 and previous != "booting"
+                    and worker.requests > 0)
+        if recycled:
+            log.info("worker pid %s of %s exited (exit status 0) after %.1f s and "
+                     "%s requests: replacing it", worker.pid, self.config.name, lived,
+                     worker.requests)
+        elif (self.engine.builtin and status == EXIT_APP_LOAD_ERROR
+              and previous == "booting"):
             message = (f"{self.config.source}: [app] wsgi = {self.config.wsgi!r}: "
                        "the worker cannot import it (its error is above). Fix: correct "
                        "the module path, or PYTHONPATH in [env]")
@@ -272,15 +458,93 @@ class Pool:
         else:
             log.error("worker pid %s of %s exited unexpectedly (%s) after %.1f s",
                       worker.pid, self.config.name, describe_exit(status), lived)
-        if lived < QUICK_EXIT or previous == "booting":
+        if (lived < QUICK_EXIT or previous == "booting") and not recycled:
             self.quick_exits += 1
         if self.workers.get(worker.slot) is worker:
             self._task(self.spawn(worker.slot, self._backoff()))
 
-    def _backoff(self) -> float:
-        if self.quick_exits == 0:
+    def _backoff(self, failures: int | None = None) -> float:
+        failures = self.quick_exits if failures is None else failures
+        if failures == 0:
             return 0.0
-        return min(0.1 * 2 ** (self.quick_exits - 1), MAX_BACKOFF)
+        return min(0.1 * 2 ** (failures - 1), MAX_BACKOFF)
+
+    # -- an engine with an address: links to a server corral does not run ------
+
+    async def attach(self, slot: int) -> None:
+        """Open link `slot` to the engine's address and wait for its answer to
+        GET_VALUES.  A refused or lost link is tried again, with back-off."""
+        bind = self.engine.address
+        worker = WorkerProcess(self, slot, self.generation)
+        worker.address = bind.path or (bind.host, bind.port)
+        self.workers[slot] = worker
+        try:
+            link = await self._open(worker)
+        except OSError as exc:
+            failures = self.attach_failures.get(slot, 0) + 1
+            self.attach_failures[slot] = failures
+            delay = self._backoff(failures)
+            # Said once per outage, not at every try.
+            level = logging.ERROR if failures == 1 else logging.DEBUG
+            log.log(level, "cannot connect link %s to the FastCGI server at %s (engine "
+                    "%s): %s; trying again, every %.1f s at most", slot, bind,
+                    self.engine.name, exc.strerror or exc, MAX_BACKOFF)
+            worker.state = "dead"
+            self._task(self.spawn(slot, delay))
+            return
+        worker.link = link
+        done, _ = await asyncio.wait({link.ready}, timeout=VALUES_GRACE)
+        if not done:
+            # Unlike a worker of ours, whose socket queues what is sent early,
+            # an external server may serve fewer connections than we keep:
+            # this one stays unused until the server answers on it, and the
+            # pool does not wait for it to open.
+            log.warning("the FastCGI server at %s accepted link %s but has not answered "
+                        "GET_VALUES in %.0f s; it is used once it answers (does the "
+                        "server take fewer than [app] processes = %s connections?)",
+                        bind, slot, VALUES_GRACE, self.config.processes)
+            link.ready.add_done_callback(lambda _: self._attached(link))
+            return
+        self._attached(link)
+
+    def _attached(self, link: Link) -> None:
+        if link.closed or link.ready.exception():
+            return  # link_lost() reconnects
+        worker = link.worker
+        failures = self.attach_failures.pop(worker.slot, 0)
+        log.info("link %s connected to the FastCGI server at %s%s", worker.slot,
+                 self.engine.address, f" after {failures} failed tries" if failures else "")
+        self.ever_ready = True
+        self.release(link)
+
+    def _external_lost(self, link: Link) -> None:
+        worker = link.worker
+        handler, link.handler = link.handler, None
+        if handler is not None:
+            error = GatewayError(f"the FastCGI server at {self.engine.address} closed "
+                                 "the connection while serving the request")
+            if link.answered:
+                handler.upstream_failed(error)
+            else:
+                handler.upstream_retry(error)
+        if self.state == "stopping" or self.workers.get(worker.slot) is not worker:
+            return
+        if worker.state == "booting":
+            # Closed before it answered: a server that accepts and hangs up
+            # must not be reconnected to in a tight loop.
+            failures = self.attach_failures.get(worker.slot, 0) + 1
+            self.attach_failures[worker.slot] = failures
+            if failures == 1:
+                log.error("the FastCGI server at %s closed link %s before answering "
+                          "GET_VALUES; trying again", self.engine.address, worker.slot)
+        else:
+            failures = 0
+            log.warning("link %s to the FastCGI server at %s was closed: reconnecting",
+                        worker.slot, self.engine.address)
+        worker.state = "dead"
+        self._task(self.spawn(worker.slot, self._backoff(failures)))
+
+    # -- links -----------------------------------------------------------------
 
     def link_lost(self, link: Link) -> None:
         worker = link.worker
@@ -288,6 +552,9 @@ class Pool:
             self.idle.remove(link)
         if worker.link is link:
             worker.link = None
+        if self.engine.address is not None:
+            self._external_lost(link)
+            return
         if link.handler is not None:
             self._task(self._report_lost_request(link))
         elif (worker.state == "busy" and self.state != "stopping"
@@ -296,6 +563,23 @@ class Pool:
             # short; it is alive and accepting again, so reconnect.
             worker.state = "booting"
             self._task(self.connect(worker))
+        elif (worker.state == "idle" and not self.engine.builtin
+              and self.state != "stopping" and worker.proc is not None):
+            # Our own worker closes an idle link only when it dies; another
+            # FastCGI program may close it and live on.
+            self._task(self._relink(worker))
+
+    async def _relink(self, worker: WorkerProcess) -> None:
+        """Reconnect to a worker that closed its idle link, unless it is dying."""
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.proc.wait()), 0.25)
+            return  # it exited: reap() replaces it
+        except TimeoutError:
+            pass
+        if self.state != "stopping" and worker.state == "idle" and worker.link is None:
+            log.info("worker pid %s closed its idle connection: reconnecting", worker.pid)
+            worker.state = "booting"
+            await self.connect(worker)
 
     async def _report_lost_request(self, link: Link) -> None:
         worker = link.worker
@@ -314,6 +598,24 @@ class Pool:
         if worker.proc.returncode is None and self.state != "stopping":
             worker.state = "booting"
             await self.connect(worker)
+
+    # -- what the front tells the engine about the script ---------------------
+
+    def script_params(self, path: bytes) -> list[tuple[bytes, bytes]]:
+        """SCRIPT_NAME and PATH_INFO for a request path under the mount; with a
+        document root ([app] root) also SCRIPT_FILENAME and DOCUMENT_ROOT, which
+        php-cgi needs to find the script.  The front adds these to its params."""
+        docroot = self.config.docroot
+        if docroot is None:
+            # corral's worker splits the path by the mount itself.
+            return [(b"SCRIPT_NAME", b""), (b"PATH_INFO", path)]
+        mount = self.config.mount.encode()
+        script, info = find_script(os.fsencode(docroot), self.config.index.encode(),
+                                   path[len(mount):])
+        return [(b"SCRIPT_FILENAME", os.fsencode(docroot) + script),
+                (b"DOCUMENT_ROOT", os.fsencode(docroot)),
+                (b"SCRIPT_NAME", mount + script),
+                (b"PATH_INFO", info)]
 
     # -- dispatch ------------------------------------------------------------
 

@@ -14,17 +14,38 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Setting:
-    section: str
+    section: str  # for the keys of named tables ([engines.NAME]): "engines"
     key: str
-    kind: str  # str, int, float, bool, command, addresses
+    kind: str  # str, int, float, bool, command, addresses, choice, table
     default: Any
     help: str
     minimum: float | None = None
     cli: str | None = None  # the `corral serve` flag that overrides it, if any
+    choices: tuple[str, ...] = ()  # the values a "choice" may take
 
     @property
     def name(self) -> str:
+        if self.section in NAMED_SECTIONS:
+            return f"[{self.section}.NAME] {self.key}"
         return f"[{self.section}] {self.key}"
+
+    def name_in(self, table: str) -> str:
+        """The key as written in one named table: `[engines.php] command`."""
+        return f"[{self.section}.{table}] {self.key}"
+
+
+# Sections made of named tables, each holding the keys declared for the
+# section: [engines.php], [engines.perl], ...
+NAMED_SECTIONS = {
+    "engines": "Engines declared by name, each in its own `[engines.NAME]` table; "
+               "`[app] engine = \"NAME\"` picks one. An engine has either a "
+               "`command` that corral starts and supervises, one process per "
+               "worker, or the `address` of a FastCGI server that is already "
+               "running. `python` names the built-in engine and cannot be "
+               "declared. See docs/engines.md.",
+}
+BUILTIN_ENGINE = "python"
+TRANSPORTS = ("unix", "tcp")
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -33,7 +54,25 @@ SETTINGS: tuple[Setting, ...] = (
             "The WSGI callable as `module:callable`. Optional for a Django "
             "project: corral uses `<settings package>.wsgi:application`."),
     Setting("app", "processes", "int", 2,
-            "How many worker processes serve the app.", minimum=1),
+            "How many worker processes serve the app. For an engine with an "
+            "`address`: how many connections corral keeps to that server.",
+            minimum=1),
+    Setting("app", "engine", "str", BUILTIN_ENGINE,
+            "The engine the workers run: `python` (corral's own WSGI worker, "
+            "serving `wsgi`) or the NAME of an `[engines.NAME]` table."),
+    Setting("app", "transport", "choice", "unix",
+            "How the front reaches the `python` engine's workers: a unix socket "
+            "each, or a TCP port each on 127.0.0.1. Other engines set it in "
+            "their `[engines.NAME]` table.", choices=TRANSPORTS),
+    Setting("app", "root", "str", None,
+            "For an engine other than `python`: the document root, relative to "
+            "the app folder. The request path picks a script in it, which sets "
+            "SCRIPT_FILENAME, SCRIPT_NAME, PATH_INFO and DOCUMENT_ROOT, as "
+            "php-cgi needs."),
+    Setting("app", "index", "str", "index.php",
+            "With `root`: the script for a folder's URL and, when the path names "
+            "no script that exists, the front controller, which gets the whole "
+            "path as PATH_INFO."),
     Setting("app", "mount", "str", "/",
             "URL prefix the app is mounted at. The app sees it as SCRIPT_NAME "
             "and the rest of the path as PATH_INFO."),
@@ -46,6 +85,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("app", "boot_timeout", "float", 60.0,
             "Seconds a worker may take to import the app and start answering.",
             minimum=1),
+    # [engines.NAME]
+    Setting("engines", "command", "command", None,
+            "The FastCGI program and its arguments, e.g. `[\"php-cgi\"]`, found on "
+            "PATH (or relative to the app folder if it has a `/`). Each worker "
+            "finds its listening socket on file descriptor 0, unless the command "
+            "has a `{port}` placeholder: then it is given a port from `ports` "
+            "and listens on 127.0.0.1 itself."),
+    Setting("engines", "transport", "choice", "unix",
+            "The socket each worker listens on: a unix socket, or a TCP port on "
+            "127.0.0.1 (from `ports`, else any free port).", choices=TRANSPORTS),
+    Setting("engines", "ports", "str", None,
+            "With transport `tcp`: the range the workers' ports come from, as "
+            "`LOW-HIGH` (e.g. `\"9100-9199\"`), with a port for every worker. "
+            "Needed when the command has `{port}`."),
+    Setting("engines", "env", "table", None,
+            "Extra environment variables for the engine's processes, e.g. "
+            "`{ PHP_FCGI_CHILDREN = \"0\" }`; the app's `[env]` wins over them."),
+    Setting("engines", "address", "str", None,
+            "Instead of `command`: a FastCGI server that is already running, at "
+            "`HOST:PORT` or `unix:PATH`. corral connects to it, keeps "
+            "`[app] processes` connections and reconnects when one is lost, but "
+            "neither starts nor supervises it."),
     # [deploy]
     Setting("deploy", "file", "str", None,
             "A Python file run with the app's interpreter, folder and environment "
@@ -112,7 +173,10 @@ def markdown() -> str:
            "Generated from `corral/settings.py` by `python -m corral.settings`; "
            "do not edit by hand.", ""]
     for section in SECTIONS:
-        out += [f"## [{section}]", ""]
+        if section in NAMED_SECTIONS:
+            out += [f"## [{section}.NAME]", "", NAMED_SECTIONS[section], ""]
+        else:
+            out += [f"## [{section}]", ""]
         if section in FREE_SECTIONS:
             out += [FREE_SECTIONS[section], ""]
             continue
@@ -121,7 +185,8 @@ def markdown() -> str:
             if s.section == section:
                 default = "(none)" if s.default is None else f"`{s.default!r}`"
                 flag = f" Command line: `{s.cli}`." if s.cli else ""
-                out.append(f"| `{s.key}` | {s.kind} | {default} | {s.help}{flag} |")
+                kind = " or ".join(f"`{c}`" for c in s.choices) or s.kind
+                out.append(f"| `{s.key}` | {kind} | {default} | {s.help}{flag} |")
         out.append("")
     return "\n".join(out)
 
