@@ -17,6 +17,7 @@ with an `address` is a server someone else runs: the pool only keeps
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import logging
@@ -45,6 +46,7 @@ FAILED_PAGE = ("<!doctype html><title>Service unavailable</title>"
                "<p>This site cannot serve requests right now.</p>\n")
 QUICK_EXIT = 2.0  # a worker that dies sooner than this after spawning is failing to boot
 MAX_BACKOFF = 10.0
+RETRY_WINDOW = 1.0  # seconds after dispatch in which a silent worker death is retried
 KILL_GRACE = 5.0  # after SIGTERM at stop, seconds before SIGKILL
 VALUES_GRACE = 2.0  # seconds a FastCGI program gets to answer GET_VALUES (see connect)
 CONNECT_RETRY = 0.05  # seconds between tries to reach a program that binds its own port
@@ -142,7 +144,8 @@ class WorkerProcess:
         self.generation = generation
         self.pid = 0
         self.proc: asyncio.subprocess.Process | None = None
-        name = f"{pool.config.name}-{generation}-{slot}-{id(self):x}.sock"
+        pool.spawned += 1  # a new name each time: never a dead worker's socket
+        name = f"{pool.config.name}-{generation}-{slot}-{pool.spawned}.sock"
         self.socket_path = pool.run_dir / name
         # Where its link connects: the socket path, or (host, port) for tcp.
         self.address: str | tuple[str, int] = str(self.socket_path)
@@ -169,8 +172,10 @@ class Pool:
         self.workers: dict[int, WorkerProcess] = {}  # by slot
         self.idle: list[Link] = []
         self.waiters: deque[Waiter] = deque()
-        self.deployed: asyncio.Future | None = None
-        self.fatal: asyncio.Future | None = None  # set when the app cannot load at all
+        self.spawned = 0  # workers spawned so far, for unique socket names
+        loop = asyncio.get_running_loop()
+        self.deployed: asyncio.Future = loop.create_future()
+        self.fatal: asyncio.Future = loop.create_future()  # set when the app cannot load
         self.last_deploy: DeployResult | None = None
         self.quick_exits = 0
         self.ever_ready = False
@@ -200,9 +205,6 @@ class Pool:
         """Spawn the workers, run the deploy step meanwhile, and open for
         requests once it has succeeded.  Returns when the pool is ready or
         has failed (see .state and .failure)."""
-        loop = asyncio.get_running_loop()
-        self.deployed = loop.create_future()
-        self.fatal = loop.create_future()
         self.state = "deploying"
         spawns = [self._task(self.spawn(slot)) for slot in range(self.config.processes)]
         if self.config.deploy.argv:
@@ -434,6 +436,8 @@ class Pool:
         status = await worker.proc.wait()
         previous = worker.state
         worker.state = "dead"
+        with contextlib.suppress(OSError):
+            worker.socket_path.unlink()  # its replacement gets a socket of its own
         if self.state == "stopping" or previous == "stopping":
             log.info("worker pid %s stopped (%s)", worker.pid, describe_exit(status))
             return
@@ -452,8 +456,12 @@ class Pool:
                        "the worker cannot import it (its error is above). Fix: correct "
                        "the module path, or PYTHONPATH in [env]")
             log.error("worker pid %s could not load the app", worker.pid)
-            if not self.ever_ready and not self.fatal.done():
-                self.fatal.set_result(message)
+            if not self.ever_ready:
+                # Nothing will ever serve: say so now, to waiting requests
+                # too, instead of respawning a worker that cannot start.
+                if not self.fatal.done():
+                    self.fatal.set_result(message)
+                    self.fail("the app cannot be imported")
                 return
         else:
             log.error("worker pid %s of %s exited unexpectedly (%s) after %.1f s",
@@ -591,7 +599,10 @@ class Pool:
         cause = describe_exit(worker.proc.returncode)
         error = GatewayError(
             f"worker pid {worker.pid} closed the connection while serving the request ({cause})")
-        if link.answered:
+        # Sent once more elsewhere only if the worker died before answering
+        # a byte and soon after taking it (killed while idle, say); a request
+        # that ran a while may have done its work.
+        if link.answered or time.monotonic() - link.sent_at > RETRY_WINDOW:
             handler.upstream_failed(error)
         else:
             handler.upstream_retry(error)

@@ -73,8 +73,10 @@ class Server:
         loop = asyncio.get_running_loop()
         starting = loop.create_task(pool.start())
         stop = loop.create_task(self.stop_requested.wait())
-        await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if starting.done() and pool.state == "ready":
+        await asyncio.wait({starting, stop, pool.fatal}, return_when=asyncio.FIRST_COMPLETED)
+        if pool.fatal.done():
+            pass  # reported below
+        elif starting.done() and pool.state == "ready":
             log.info("ready: serving %s at %s", self.config.root, ", ".join(front.addresses))
         elif starting.done():
             log.error("ready, but %s answers 503: %s", self.config.name, pool.failure)
@@ -83,6 +85,7 @@ class Server:
         if pool.fatal.done():
             log.error("%s", pool.fatal.result())
             status = EXIT_CONFIG
+            starting.cancel()  # a deploy step still running is stopped
         front.close_listeners()
         await front.drain(self.config.server["graceful_timeout"])
         starting.cancel()

@@ -197,3 +197,15 @@ def test_unix_socket_of_the_front_is_removed_on_stop_and_never_stolen(tmp_path):
     assert "another server listens on this socket" in second.log
     assert server.stop() == 0
     assert not path.exists()
+
+
+def test_unimportable_app_stops_serve_with_the_key_and_no_respawn_loop(tmp_path):
+    app = cases_app(tmp_path)
+    config = app / "corral.toml"
+    config.write_text(config.read_text().replace("cases:application", "nosuch:application"))
+    server = ServerProcess(app)
+    assert server.proc.wait(60) == 2
+    server.stop()
+    assert f"{config}: [app] wsgi = 'nosuch:application'" in server.log
+    assert "Fix:" in server.lines[-2]  # the reason, then "stopped"
+    assert server.log.count("spawned worker") == 2  # the first two, never a respawn

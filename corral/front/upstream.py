@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 
 from corral import fastcgi
 from corral.fastcgi import EndRequest, ServerConnection, Stderr, Stdout, ValuesResult
@@ -83,6 +84,7 @@ class Link(asyncio.Protocol):
         self.head = bytearray()
         self.head_done = False
         self.answered = False  # the worker sent anything for the current request
+        self.sent_at = 0.0  # when the current request was sent (monotonic)
         self.closed = False
         self._drained: asyncio.Future | None = None
         self._probe: socket.socket | None = None
@@ -106,6 +108,9 @@ class Link(asyncio.Protocol):
             self._probe = None
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("worker closed the connection"))
+            # Marked as seen: nobody may be waiting any more (the pool is
+            # stopping), and the reaper reports the worker's exit anyway.
+            self.ready.exception()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
         self.on_lost(self)
@@ -212,6 +217,7 @@ class Link(asyncio.Protocol):
         """Send one request; `body` is bytes or a file positioned at its start."""
         self.handler = handler
         self.answered = False
+        self.sent_at = time.monotonic()
         head = ServerConnection.begin_request(REQUEST_ID, params)
         if isinstance(body, (bytes, bytearray)):
             if body:
