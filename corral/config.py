@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from corral.settings import (
     SETTINGS,
     Setting,
 )
+from corral.venv import app_python
 
 CONFIG_NAME = "corral.toml"
 
@@ -254,7 +254,9 @@ def _engine(name: str, tables: dict[str, dict], file: Path, root: Path,
     search = {**os.environ, **env, **app_env}.get("PATH", os.defpath)
     program = command[0]
     if "/" in program:
-        path = (root / program).resolve()
+        # Absolute, but symlinks kept: a virtual environment's bin/python is
+        # a symlink, and resolving it would run the base interpreter instead.
+        path = Path(os.path.normpath(root / program))
         found = str(path) if path.is_file() and os.access(path, os.X_OK) else None
         where = f"{path} is not an executable file"
     else:
@@ -266,6 +268,27 @@ def _engine(name: str, tables: dict[str, dict], file: Path, root: Path,
                           "or give its path, absolute or relative to the app folder")
     return Engine(name, command=(found, *command[1:]), transport=transport,
                   env=dict(env), ports=ports)
+
+
+def _tls_context(server: dict, root: Path, source):
+    """An ssl.SSLContext from [server] certificate and key, or None."""
+    cert, key = server["certificate"], server["key"]
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        missing = "key" if cert else "certificate"
+        raise ConfigError(source, f"[server] {missing}", "is needed with the other one",
+                          "give both certificate and key, or neither")
+    import ssl
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(root / cert, root / key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(source, "[server] certificate",
+                          f"cannot load {root / cert} with {root / key} ({exc})",
+                          "give a PEM certificate chain and its private key") from None
+    return context
 
 
 def _read_toml(file: Path) -> dict:
@@ -407,6 +430,7 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
     mount = mount.rstrip("/")
 
     # 5. The deploy step: [deploy] file or command, or DEPLOY_FILE in [env].
+    python = app_python(root, source)  # the app's own venv, else corral's interpreter
     deploy_file = env.get("DEPLOY_FILE") or get("deploy", "file")
     command = get("deploy", "command")
     if deploy_file and command:
@@ -419,11 +443,11 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
             key = "[env] DEPLOY_FILE" if env.get("DEPLOY_FILE") else "[deploy] file"
             raise ConfigError(source, key, f"{path} does not exist",
                               "create the file or correct the path (relative to the app folder)")
-        argv = [sys.executable, str(path)]
+        argv = [python, str(path)]
     elif command:
-        argv = [sys.executable if command[0] == "python" else command[0], *command[1:]]
+        argv = [python if command[0] == "python" else command[0], *command[1:]]
     elif config_file is None and settings_module:
-        argv = [sys.executable, "manage.py", "migrate", "--noinput"]
+        argv = [python, "manage.py", "migrate", "--noinput"]
     deploy = DeployStep(argv=argv,
                         log=root / (env.get("DEPLOY_LOG") or get("deploy", "log")),
                         timeout=get("deploy", "timeout"), hold=get("deploy", "hold"))
@@ -453,11 +477,14 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
     except ValueError as exc:
         raise ConfigError(source, "[server] bind", str(exc),
                           f"use {Bind.FORMS}, e.g. \"127.0.0.1:8000\"") from None
+    server["tls"] = _tls_context(server, root, source)
+    proxies = server["trusted_proxies"]
+    server["trusted_proxies"] = frozenset([proxies] if isinstance(proxies, str) else proxies)
 
     return AppConfig(
         root=root, config_file=config_file, wsgi=wsgi,
         processes=get("app", "processes"), mount=mount,
         queue=get("app", "queue"), queue_timeout=get("app", "queue_timeout"),
-        boot_timeout=get("app", "boot_timeout"), python=sys.executable,
+        boot_timeout=get("app", "boot_timeout"), python=python,
         env=env, deploy=deploy, static=static, server=server,
         engine=engine, docroot=docroot, index=index)

@@ -151,6 +151,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "graceful_timeout", "float", 30.0,
             "On stop, seconds in-flight requests get to finish before workers are killed.",
             minimum=0),
+    Setting("server", "certificate", "str", None,
+            "A PEM certificate chain (relative to the app folder): with `key`, the "
+            "HTTP addresses of `bind` serve HTTPS, and the app sees "
+            "`wsgi.url_scheme` https."),
+    Setting("server", "key", "str", None,
+            "The PEM private key of `certificate`."),
+    Setting("server", "trusted_proxies", "addresses", [],
+            "Addresses of proxies in front of corral (e.g. `[\"127.0.0.1\"]`). Only "
+            "from these are X-Forwarded-For and X-Forwarded-Proto believed: the "
+            "client's address becomes REMOTE_ADDR and `https` turns on HTTPS. From "
+            "anyone else both headers are dropped."),
 )
 
 # [env] and [static] are tables of free keys, documented here by hand.

@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -102,3 +103,33 @@ def test_params_over_64k_from_an_independent_encoder(address):  # K18, K19
     cookie = "k=" + "c" * 100_000
     status, _, body = cgi_fcgi(address, request_env("GET", "/", HTTP_COOKIE=cookie))
     assert status == 200 and json.loads(body)["HTTP_COOKIE"] == cookie
+
+
+# -- flup's FastCGI server as a `fastcgi` engine behind corral's front -------------
+
+def test_flup_server_as_a_fastcgi_engine(tmp_path):
+    pytest.importorskip("flup", reason="flup is in the test extra: pip install -e '.[test]'")
+    from tests.harness import APPS, ServerProcess, request
+    app = tmp_path / "flup-app"
+    app.mkdir()
+    shutil.copy(APPS / "flup_server.py", app)
+    (app / "corral.toml").write_text(
+        '[app]\nengine = "flup"\nprocesses = 2\n'
+        f'[engines.flup]\ncommand = ["{sys.executable}", "flup_server.py"]\n')
+    server = ServerProcess(app).wait_ready()
+    try:
+        status, headers, body, _ = request(
+            server.port, b"GET /some/path?x=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        seen = json.loads(body)
+        assert status == 200 and (seen["path"], seen["query"]) == ("/some/path", "x=1")
+        assert headers["set-cookie*"] == ["a=1", "b=2"]
+        assert seen["pid"] in server.worker_pids()
+        status, _, body, _ = request(
+            server.port, b"POST /f HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+        assert status == 200 and json.loads(body)["body"] == "hello"
+        # Kept connections: many requests, the same two flup processes.
+        pids = {json.loads(request(server.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")[2])["pid"]
+                for _ in range(10)}
+        assert pids <= set(server.worker_pids())
+    finally:
+        assert server.stop() == 0

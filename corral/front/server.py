@@ -96,6 +96,16 @@ def remove_stale_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, "another server listens on this socket", path)
 
 
+def forwarded_client(value: bytes, trusted) -> bytes:
+    """The client's address from an X-Forwarded-For chain: the last address
+    that is not one of our trusted proxies (the ones before it could have
+    been written by the client itself)."""
+    for hop in reversed([h.strip() for h in value.split(b",")]):
+        if hop and hop.decode("latin-1") not in trusted:
+            return hop
+    return b""
+
+
 def _cgi_name(name: bytes) -> bytes:
     return b"HTTP_" + name.upper().replace(b"-", b"_")
 
@@ -126,23 +136,44 @@ class Front:
             factory = lambda: FastCGIListenerConnection(self)  # noqa: E731
         else:
             factory = lambda: HttpConnection(self)  # noqa: E731
+        tls = self.limits.get("tls") if bind.protocol == "http" else None
         if bind.path:
             remove_stale_socket(bind.path)
-            server = await loop.create_unix_server(factory, bind.path, backlog=1024)
+            server = await loop.create_unix_server(factory, bind.path, backlog=1024, ssl=tls)
             self.unix_paths.append(bind.path)
         else:
             server = await loop.create_server(factory, bind.host, bind.port,
-                                              backlog=1024, reuse_address=True)
+                                              backlog=1024, reuse_address=True, ssl=tls)
         self.servers.append(server)
         scheme = "fastcgi+" if bind.protocol == "fastcgi" else ""
         for s in server.sockets:
             name = s.getsockname()
             if isinstance(name, tuple):
                 host = f"[{name[0]}]" if ":" in name[0] else name[0]
-                self.addresses.append(f"{scheme or 'http://'}{'tcp:' if scheme else ''}"
+                web = "https://" if tls else "http://"
+                self.addresses.append(f"{scheme or web}{'tcp:' if scheme else ''}"
                                       f"{host}:{name[1]}")
             else:
                 self.addresses.append(f"{scheme}unix:{name}")
+
+    async def start_socket(self, sock: socket.socket, protocol: str = "http") -> None:
+        """Serve on `sock`, which listens already (a socket systemd passed),
+        for HTTP clients or, with protocol "fastcgi", a web server.  A unix
+        socket's file is left in place on stop: whoever made it owns it."""
+        loop = asyncio.get_running_loop()
+        fastcgi = protocol == "fastcgi"
+        factory = ((lambda: FastCGIListenerConnection(self)) if fastcgi
+                   else (lambda: HttpConnection(self)))
+        if sock.family == socket.AF_UNIX:
+            server = await loop.create_unix_server(factory, sock=sock, backlog=1024)
+            self.addresses.append(f"{'fastcgi+' if fastcgi else ''}unix:{sock.getsockname()}")
+        else:
+            server = await loop.create_server(factory, sock=sock, backlog=1024)
+            host, port = sock.getsockname()[:2]
+            host = f"[{host}]" if ":" in host else host
+            self.addresses.append(f"fastcgi+tcp:{host}:{port}" if fastcgi
+                                  else f"http://{host}:{port}")
+        self.servers.append(server)
 
     # -- routing -------------------------------------------------------------
 
@@ -194,6 +225,9 @@ class Front:
             (b"REMOTE_ADDR", str(conn.peer[0]).encode()),
             (b"REMOTE_PORT", str(conn.peer[1]).encode()),
         ]
+        https = conn.transport.get_extra_info("ssl_object") is not None
+        trusted = self.limits.get("trusted_proxies") or ()
+        proxied = str(conn.peer[0]) in trusted
         if request.body_size or request.content_length is not None or request.chunked:
             params.append((b"CONTENT_LENGTH", b"%d" % request.body_size))
         seen: dict[bytes, int] = {}
@@ -206,6 +240,16 @@ class Front:
                 # The body is de-chunked and counted; and a name with "_" would
                 # collide with a "-" name in the environ, so it is not passed.
                 continue
+            if lower in (b"x-forwarded-for", b"x-forwarded-proto"):
+                if not proxied:
+                    continue  # anyone can write these: believed from our proxies only
+                if lower == b"x-forwarded-proto":
+                    https = value.strip().lower() == b"https"
+                else:
+                    client = forwarded_client(value, trusted)
+                    if client:
+                        params = [(k, client if k == b"REMOTE_ADDR" else v)
+                                  for k, v in params]
             key = _cgi_name(name)
             if key in seen:  # repeated fields are joined (RFC 9110 5.3)
                 index = seen[key]
@@ -214,6 +258,8 @@ class Front:
             else:
                 seen[key] = len(params)
                 params.append((key, value))
+        if https:
+            params += [(b"HTTPS", b"on"), (b"REQUEST_SCHEME", b"https")]
         return params
 
     def dispatch(self, conn: HttpConnection, request: Request) -> None:

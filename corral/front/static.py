@@ -253,6 +253,15 @@ async def send_file(connection, f, offset: int, count: int) -> int:
     zero_copy = sock is not None and transport.get_extra_info("ssl_object") is None
     fd = f.fileno()
     done = 0
+    if not zero_copy:
+        while done < count and not connection.lost:
+            piece = os.pread(fd, min(PIECE, count - done), offset + done)
+            if not piece:
+                break
+            transport.write(piece)
+            done += len(piece)
+            await connection.drain()  # backpressure: bounded memory per client
+        return done
     # A limit of 0 makes drain() wait until the transport's buffer is empty.
     transport.set_write_buffer_limits(high=0)
     try:
@@ -260,14 +269,12 @@ async def send_file(connection, f, offset: int, count: int) -> int:
             await connection.drain()
             if connection.lost:
                 break
-            sent = 0
-            if zero_copy:
-                try:
-                    sent = os.sendfile(sock.fileno(), fd, offset + done, count - done)
-                except BlockingIOError:
-                    sent = 0
-                if sent == 0 and done < count and os.fstat(fd).st_size <= offset + done:
-                    break  # the file shrank under us
+            try:
+                sent = os.sendfile(sock.fileno(), fd, offset + done, count - done)
+            except BlockingIOError:
+                sent = 0
+            if sent == 0 and os.fstat(fd).st_size <= offset + done:
+                break  # the file shrank under us
             if sent == 0:
                 piece = os.pread(fd, min(PIECE, count - done), offset + done)
                 if not piece:
