@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import stat
 import sys
 import time
@@ -110,6 +111,86 @@ def _cgi_name(name: bytes) -> bytes:
     return b"HTTP_" + name.upper().replace(b"-", b"_")
 
 
+BACKLOG = 1024
+# accept() errors that mean "out of descriptors or memory for now": wait and
+# try again, leaving the clients in the kernel's backlog meanwhile.
+_EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+EXHAUSTED_PAUSE = 0.1  # seconds between tries when accept() is out of resources
+
+
+class Acceptor:
+    """Accepts connections on one listening socket for the front.
+
+    Ours rather than the event loop's own server, for one reason: when the
+    process runs out of file descriptors, libuv accepts and drops the waiting
+    clients without a word.  Here accepting pauses instead, the clients wait
+    in the backlog, and the error log says so once per shortage.
+    """
+
+    def __init__(self, sock: socket.socket, factory, tls) -> None:
+        self.sock = sock
+        self.factory = factory
+        self.tls = tls
+        self.loop = asyncio.get_running_loop()
+        self.short_since = 0.0  # when accept() last ran short, 0 when it does not
+        self.refused = 0
+        self.closed = False
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self.accept)
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [self.sock]
+
+    def accept(self) -> None:
+        for _ in range(64):  # a burst at a time, then other work gets a turn
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _EXHAUSTED:
+                    self.run_short(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # that client is gone already; the next one may not be
+                raise
+            if self.short_since:
+                log.warning("accepting again after %.1f s without file descriptors",
+                            time.monotonic() - self.short_since)
+                self.short_since = 0.0
+            conn.setblocking(False)
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.loop.create_task(self.connect(conn))
+
+    async def connect(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.factory, conn, ssl=self.tls)
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("connection dropped before it started: %s", exc)
+            conn.close()
+
+    def run_short(self, exc: OSError) -> None:
+        if not self.short_since:
+            self.short_since = time.monotonic()
+            log.error("cannot accept a connection: %s; pausing accepts, clients wait in the "
+                      "backlog (raise the open-file limit, or lower the load)", exc.strerror)
+        self.loop.remove_reader(self.sock.fileno())
+        self.loop.call_later(EXHAUSTED_PAUSE, self.resume)
+
+    def resume(self) -> None:
+        if not self.closed:
+            self.loop.add_reader(self.sock.fileno(), self.accept)
+            self.accept()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
 class Front:
     """Accepts clients and answers them from static files or the app's pool."""
 
@@ -123,7 +204,7 @@ class Front:
                        for prefix, folder in config.static]
         self.access = AccessLog(config.server["access_log"], config.root)
         self.connections: set[HttpConnection] = set()
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[Acceptor] = []
         self.stopping = False
         self.requests_seen = 0
         self.addresses: list[str] = []
@@ -131,49 +212,49 @@ class Front:
 
     async def start(self, bind: Bind) -> None:
         """Listen on `bind`, for HTTP clients or for a web server's FastCGI."""
-        loop = asyncio.get_running_loop()
-        if bind.protocol == "fastcgi":
-            factory = lambda: FastCGIListenerConnection(self)  # noqa: E731
-        else:
-            factory = lambda: HttpConnection(self)  # noqa: E731
-        tls = self.limits.get("tls") if bind.protocol == "http" else None
         if bind.path:
             remove_stale_socket(bind.path)
-            server = await loop.create_unix_server(factory, bind.path, backlog=1024, ssl=tls)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(bind.path)
+            except OSError:
+                sock.close()
+                raise
             self.unix_paths.append(bind.path)
         else:
-            server = await loop.create_server(factory, bind.host, bind.port,
-                                              backlog=1024, reuse_address=True, ssl=tls)
-        self.servers.append(server)
-        scheme = "fastcgi+" if bind.protocol == "fastcgi" else ""
-        for s in server.sockets:
-            name = s.getsockname()
-            if isinstance(name, tuple):
-                host = f"[{name[0]}]" if ":" in name[0] else name[0]
-                web = "https://" if tls else "http://"
-                self.addresses.append(f"{scheme or web}{'tcp:' if scheme else ''}"
-                                      f"{host}:{name[1]}")
-            else:
-                self.addresses.append(f"{scheme}unix:{name}")
+            family = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
+            try:
+                sock = socket.create_server((bind.host, bind.port), family=family,
+                                            reuse_port=False)
+            except socket.gaierror as exc:
+                raise OSError(exc.errno, f"{bind.host}: {exc.strerror}") from None
+        tls = self.limits.get("tls") if bind.protocol == "http" else None
+        self.listen(sock, bind.protocol, tls)
 
     async def start_socket(self, sock: socket.socket, protocol: str = "http") -> None:
         """Serve on `sock`, which listens already (a socket systemd passed),
         for HTTP clients or, with protocol "fastcgi", a web server.  A unix
         socket's file is left in place on stop: whoever made it owns it."""
-        loop = asyncio.get_running_loop()
-        fastcgi = protocol == "fastcgi"
-        factory = ((lambda: FastCGIListenerConnection(self)) if fastcgi
-                   else (lambda: HttpConnection(self)))
-        if sock.family == socket.AF_UNIX:
-            server = await loop.create_unix_server(factory, sock=sock, backlog=1024)
-            self.addresses.append(f"{'fastcgi+' if fastcgi else ''}unix:{sock.getsockname()}")
+        tls = self.limits.get("tls") if protocol == "http" else None
+        self.listen(sock, protocol, tls)
+
+    def listen(self, sock: socket.socket, protocol: str, tls) -> None:
+        """Accept on the bound socket `sock`; note its address for the log."""
+        sock.listen(BACKLOG)
+        if protocol == "fastcgi":
+            factory = lambda: FastCGIListenerConnection(self)  # noqa: E731
         else:
-            server = await loop.create_server(factory, sock=sock, backlog=1024)
-            host, port = sock.getsockname()[:2]
-            host = f"[{host}]" if ":" in host else host
-            self.addresses.append(f"fastcgi+tcp:{host}:{port}" if fastcgi
-                                  else f"http://{host}:{port}")
-        self.servers.append(server)
+            factory = lambda: HttpConnection(self)  # noqa: E731
+        self.servers.append(Acceptor(sock, factory, tls))
+        scheme = "fastcgi+" if protocol == "fastcgi" else ""
+        name = sock.getsockname()
+        if isinstance(name, tuple):
+            host = f"[{name[0]}]" if ":" in name[0] else name[0]
+            web = "https://" if tls else "http://"
+            self.addresses.append(f"{scheme or web}{'tcp:' if scheme else ''}"
+                                  f"{host}:{name[1]}")
+        else:
+            self.addresses.append(f"{scheme}unix:{name}")
 
     # -- routing -------------------------------------------------------------
 
