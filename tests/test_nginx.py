@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,18 +23,8 @@ from tests.harness import (
     cgi_params,
     copy_app,
     read_response,
+    require_tool,
 )
-
-
-def require(tool: str) -> str:
-    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}")
-                                  else None)
-    if path is None:
-        message = f"{tool} is not installed (Debian: apt-get install nginx-light)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def wait_for_socket(path, proc, timeout: float = 30.0) -> None:
@@ -79,7 +68,7 @@ http {{
     include {folder}/site.conf;
 }}
 """)
-        self.proc = subprocess.Popen([require("nginx"), "-c", str(folder / "nginx.conf"),
+        self.proc = subprocess.Popen([require_tool("nginx"), "-c", str(folder / "nginx.conf"),
                                       "-p", str(folder)], stderr=subprocess.PIPE)
         wait_for_socket(self.sock, self.proc)
 
