@@ -1,0 +1,1 @@
+"""The __project__ Django project (settings, URLs, views), made by `corral new django`."""
