@@ -36,6 +36,12 @@ SPOOL_THRESHOLD = 1 << 20  # bodies above this are spooled to a temporary file
 MAX_FIELDS = 200  # header fields per request
 WRITE_HIGH_WATER = 1 << 20  # response bytes buffered per client before backpressure
 MAX_PIPELINED = 16  # parsed requests waiting behind the one being answered
+# After the last response of a connection, what the client still sends is
+# read and dropped for this long (and up to this much) before the close:
+# closing a socket with unread input makes the kernel send a reset, which
+# can destroy the response before the client has read it.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1 << 20
 
 _NO_BODY_STATUS = frozenset((204, 304))
 # Methods that may be sent to a second worker when the first died before
@@ -43,6 +49,12 @@ _NO_BODY_STATUS = frozenset((204, 304))
 _RETRYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS"))
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding",
                          b"te", b"trailer", b"upgrade", b"proxy-connection"))
+# Fields that frame, route or qualify a request must come before the body
+# (RFC 9110 6.5.1): one in a chunked body's trailer section is a smuggling
+# attempt, since the front has already acted on the header section.
+_FORBIDDEN_TRAILERS = frozenset((
+    b"content-length", b"transfer-encoding", b"trailer", b"host", b"connection",
+    b"keep-alive", b"te", b"upgrade", b"expect"))
 _date_cache = [0.0, b""]
 
 
@@ -54,21 +66,17 @@ def http_date() -> bytes:
     return _date_cache[1]
 
 
-def escape_request_line(data: bytes) -> bytes:
-    """Percent-encode raw non-ASCII bytes in the request line that starts `data`.
+def escape_non_ascii(line: bytes) -> bytes:
+    """`line` with its raw non-ASCII bytes percent-encoded.
 
     RFC 9112 allows only ASCII in a request-target and llhttp refuses the
     rest, but clients do send raw UTF-8 paths; escaping them gives the app the
-    same PATH_INFO as the escaped form would.  Header values are left alone
-    (obs-text is legal there).  A request line split across reads before its
-    first non-ASCII byte is not rewritten and gets a 400.
+    same PATH_INFO as the escaped form would.  Only request lines are passed
+    here: header values are left alone (obs-text is legal there).
     """
-    end = data.find(b"\n")
-    line = data if end < 0 else data[:end]
     if line.isascii():
-        return data
-    escaped = b"".join(b"%%%02X" % b if b >= 0x80 else bytes((b,)) for b in line)
-    return escaped if end < 0 else escaped + data[end:]
+        return line
+    return b"".join(b"%%%02X" % b if b >= 0x80 else bytes((b,)) for b in line)
 
 
 class Request:
@@ -77,7 +85,7 @@ class Request:
     __slots__ = ("method", "target", "version", "headers", "body", "body_size",
                  "keep_alive", "host", "path", "query", "chunked", "started",
                  "expect_continue", "content_length", "head_size", "status",
-                 "sent", "worker_pid", "error", "retried")
+                 "sent", "worker_pid", "error", "retried", "in_trailers")
 
     def __init__(self) -> None:
         self.target = b""
@@ -95,6 +103,7 @@ class Request:
         self.worker_pid = None
         self.error = ""  # why the front answered with an error, for the log
         self.retried = False
+        self.in_trailers = False  # past the head: on_header now sees trailer fields
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -117,6 +126,10 @@ class HttpConnection(asyncio.Protocol):
         self.peer = ("", 0)
         self.closing = False
         self.lost = False
+        self.eof = False  # the client half-closed: answer what it sent, then close
+        self.linger_left = 0  # bytes still dropped before closing, once lingering
+        self.line_open = False  # the last read ended inside a request line
+        self.continue_due: Request | None = None  # asked for 100 Continue, not yet sent
         self.link = None  # the worker link serving `current`, if any
         self.keep_alive = True
         self.chunked_response = False
@@ -155,11 +168,15 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            if self.timer_kind == "linger":
+                self.linger_left -= len(data)
+                if self.linger_left < 0:
+                    self.transport.close()
             return
         if self.timer_kind == "idle":
             self.arm("header", self.limits["header_timeout"])
-        if not data.isascii() and self.request is None:
-            data = escape_request_line(data)
+        if self.request is None or self.line_open:
+            data = self.escape_request_line(data)
         try:
             self.parser.feed_data(data)
         except HTTPError as exc:
@@ -174,6 +191,53 @@ class HttpConnection(asyncio.Protocol):
                 self.reject(cause)
             else:
                 self.reject(BadRequest(f"malformed request: {exc or type(exc).__name__}"))
+        if self.continue_due is not None:
+            self.send_continue()
+
+    def send_continue(self) -> None:
+        """The one 100 Continue a request asked for (K11): only while its body
+        is still to come (not when it came with the head), and only when no
+        response is on its way, since a 100 written now would land inside
+        it (a pipelining client sends its body anyway)."""
+        request, self.continue_due = self.continue_due, None
+        if (request is self.request and not self.closing
+                and self.current is None and not self.pipeline):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def escape_request_line(self, data: bytes) -> bytes:
+        """`data` with the non-ASCII bytes of its request line escaped.
+
+        Called when `data` starts at a message boundary or inside a request
+        line that an earlier read began, so a line sent a byte at a time is
+        escaped as a whole one is.  A request pipelined behind another in
+        the same read is not looked at: a raw non-ASCII byte there gets 400.
+        """
+        start = 0
+        if not self.line_open:
+            while start < len(data) and data[start] in b"\r\n":
+                start += 1  # empty lines before a request line are ignored (RFC 9112 2.2)
+            if start == len(data):
+                return data
+        end = data.find(b"\n", start)
+        self.line_open = end < 0
+        if end < 0:
+            end = len(data)
+        line = data[start:end]
+        if line.isascii():
+            return data
+        return data[:start] + escape_non_ascii(line) + data[end:]
+
+    def eof_received(self) -> bool:
+        """The client will send no more (a half-close, as `nc -N` or a
+        shutdown(SHUT_WR) does), but it still reads: the requests it
+        completed are answered, the last one with Connection: close, then
+        the connection ends.  A request cut short gets no answer."""
+        self.eof = True
+        if self.current is None or self.timer_kind == "linger":
+            return False  # nothing owed: let the transport close
+        if not self.pipeline:
+            self.keep_alive = False
+        return True  # keep our sending side open for the responses owed
 
     def pause_writing(self) -> None:
         self._drained = asyncio.get_running_loop().create_future()
@@ -213,7 +277,7 @@ class HttpConnection(asyncio.Protocol):
         if loop.time() < self.deadline:
             self.timer = loop.call_at(self.deadline, self._on_timer)
             return
-        if self.timer_kind == "idle":
+        if self.timer_kind in ("idle", "linger"):
             self.transport.close()
         elif self.timer_kind == "body":
             self.reject(BadRequest("request body timeout", 408))
@@ -234,9 +298,19 @@ class HttpConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self.request
+        # llhttp drops the whitespace before a value, not the one after it
+        # (RFC 9112 5: both are OWS, not part of the value).
+        value = value.rstrip(b" \t")
         request.head_size += len(name) + len(value) + 4
         if request.head_size > self.limits["max_header"]:
             raise HeadTooLarge("request header fields too large")
+        if request.in_trailers:
+            # WSGI has no trailers, and merging them into the header section
+            # would let them pass for fields the front checked: they are
+            # dropped, and the ones that may not be trailers refused.
+            if name.lower() in _FORBIDDEN_TRAILERS:
+                raise BadRequest(f"{name.decode('latin-1')} in the trailer section")
+            return
         if len(request.headers) >= MAX_FIELDS:
             raise HeadTooLarge("too many header fields")
         request.headers.append((name, value))
@@ -247,6 +321,7 @@ class HttpConnection(asyncio.Protocol):
         request.method = parser.get_method()
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
+        request.in_trailers = True
         if request.version not in ("1.1", "1.0"):
             # llhttp takes any digit.digit and a bare "GET /" (HTTP/0.9).
             if request.version == "0.9":
@@ -255,11 +330,8 @@ class HttpConnection(asyncio.Protocol):
         self.check_head(request)
         self.arm("body", self.limits["body_timeout"])
         if (request.expect_continue and request.version == "1.1"
-                and (request.chunked or request.content_length)
-                and self.current is None and not self.pipeline):
-            # Only when no response is on its way: a 100 written now would
-            # land inside it.  A pipelining client sends its body anyway.
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                and (request.chunked or request.content_length)):
+            self.continue_due = request  # sent once this read is parsed, if still due
 
     def on_body(self, data: bytes) -> None:
         request = self.request
@@ -294,13 +366,17 @@ class HttpConnection(asyncio.Protocol):
 
     def check_head(self, request: Request) -> None:
         """Refuse what llhttp lets through but a strict server must not."""
-        hosts = 0
+        hosts = types = 0
         te = None
         for name, value in request.headers:
             lower = name.lower()
             if lower == b"host":
                 hosts += 1
                 request.host = value
+            elif lower == b"content-type":
+                # A singleton field (RFC 9110 8.3): with two, which one the
+                # app reads would depend on the worker's environ building.
+                types += 1
             elif lower == b"content-length":
                 if not value.isdigit():
                     raise BadRequest("Content-Length is not a number")
@@ -315,6 +391,8 @@ class HttpConnection(asyncio.Protocol):
                 raise BadRequest(f"control character in {name.decode('latin-1')}")
         if hosts > 1:
             raise BadRequest("more than one Host header")
+        if types > 1:
+            raise BadRequest("more than one Content-Type header")
         if hosts == 0 and request.version == "1.1":
             raise BadRequest("HTTP/1.1 request without Host")
         if te is not None:
@@ -366,7 +444,8 @@ class HttpConnection(asyncio.Protocol):
         """Start answering `request` (it is complete)."""
         self.current = request
         self.disarm()
-        self.keep_alive = request.keep_alive and not self.closing and not self.server.stopping
+        self.keep_alive = (request.keep_alive and not self.closing and not self.server.stopping
+                           and not (self.eof and not self.pipeline))
         self.server.route(self, request)
 
     def finish(self) -> None:
@@ -387,7 +466,7 @@ class HttpConnection(asyncio.Protocol):
         if self.lost:
             return
         if not self.keep_alive or self.server.stopping:
-            self.transport.close()
+            self.end_connection()
             return
         if self.pipeline:
             if len(self.pipeline) == MAX_PIPELINED:
@@ -397,6 +476,21 @@ class HttpConnection(asyncio.Protocol):
             self.arm("header", self.limits["header_timeout"])
         else:
             self.arm("idle", self.limits["keepalive_timeout"])
+
+    def end_connection(self) -> None:
+        """Close after the last response, without a reset: send our FIN after
+        it, then drop what the client still sends (the rest of a refused
+        body, requests pipelined after a close) until it closes too, or for
+        LINGER_SECONDS at most."""
+        transport = self.transport
+        if self.eof or not transport.can_write_eof():
+            transport.close()
+            return
+        self.closing = True
+        self.linger_left = LINGER_BYTES
+        transport.write_eof()
+        transport.resume_reading()
+        self.arm("linger", LINGER_SECONDS)
 
     def write_head(self, request: Request, status: int, reason: bytes,
                    headers, length: int | None, body: bytes = b"") -> None:

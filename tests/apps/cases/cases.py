@@ -226,12 +226,27 @@ ROUTES.update({
 })
 
 
-def application(environ, start_response):
-    path = environ["PATH_INFO"]
+def log_call(environ):
     calls = os.environ.get("CASES_CALL_LOG")
     if calls:  # lets a test prove that a refused request never reached the app
         with open(calls, "a", encoding="utf-8") as f:
-            f.write(environ.get("REQUEST_URI", path) + "\n")
+            f.write(environ.get("REQUEST_URI", environ["PATH_INFO"]) + "\n")
+
+
+def echo_all(environ, start_response):
+    """Every path echoes: for replayed and fuzzed requests, whose targets are arbitrary.
+    The method comes back in a header, so a client can tell a HEAD answer has no body."""
+    log_call(environ)
+
+    def start(status, headers, exc_info=None):
+        headers = [*headers, ("X-Request-Method", environ["REQUEST_METHOD"])]
+        return start_response(status, headers, exc_info)
+    return echo(environ, start)
+
+
+def application(environ, start_response):
+    path = environ["PATH_INFO"]
+    log_call(environ)
     handler = ROUTES.get(path)
     if handler is None:
         if path.startswith("/echo"):
