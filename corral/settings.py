@@ -85,6 +85,32 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("app", "boot_timeout", "float", 60.0,
             "Seconds a worker may take to import the app and start answering.",
             minimum=1),
+    Setting("app", "request_timeout", "float", 60.0,
+            "Seconds a request may spend in the app. Past it the client gets "
+            "504, the worker is asked to stop (a `python` worker logs the stuck "
+            "request's Python stack), is killed `timeout_grace` seconds later, "
+            "and is replaced. The request is never sent to another worker. "
+            "0 means no limit. See docs/restarts.md.", minimum=0),
+    Setting("app", "timeout_grace", "float", 5.0,
+            "Seconds a worker that ran over `request_timeout` gets to exit "
+            "after being asked (SIGUSR1 for `python` workers, SIGTERM for other "
+            "engines) before it is killed with SIGKILL.", minimum=0),
+    Setting("app", "max_requests", "int", 0,
+            "Recycle a worker after this many requests (0: never). Recycling is "
+            "graceful: the replacement is spawned and ready before the old "
+            "worker leaves, and no request is cut.", minimum=0),
+    Setting("app", "max_requests_jitter", "int", 0,
+            "Each worker's `max_requests` is raised by a random 0 to this many, "
+            "so that workers started together are not all recycled together.",
+            minimum=0),
+    Setting("app", "max_rss", "int", 0,
+            "Recycle a worker whose resident memory (VmRSS in /proc/PID/status, "
+            "checked after each request) is above this many MiB (0: never).",
+            minimum=0),
+    Setting("app", "max_lifetime", "float", 0.0,
+            "Recycle a worker that has lived this many seconds (0: never); "
+            "checked after each request and every second while it is idle.",
+            minimum=0),
     # [engines.NAME]
     Setting("engines", "command", "command", None,
             "The FastCGI program and its arguments, e.g. `[\"php-cgi\"]`, found on "
@@ -124,6 +150,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("deploy", "hold", "float", 30.0,
             "Seconds a request may wait for a running deploy step before it "
             "gets 503 with Retry-After.", minimum=0),
+    Setting("deploy", "exclusive", "bool", False,
+            "At a restart, stop the old generation first (its in-flight requests "
+            "finish) and run the deploy step alone, before the new workers start; "
+            "requests wait up to `hold` seconds, then get 503 with Retry-After. "
+            "For deploy steps that old code must not run beside (some schema "
+            "migrations). Off: the old generation serves while the new one "
+            "deploys, and keeps serving if it fails. See docs/restarts.md."),
     # [server]
     Setting("server", "bind", "addresses", "127.0.0.1:8000",
             "Where the front listens: one address or a list. `HOST:PORT` or "
@@ -134,6 +167,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "access_log", "str", "-",
             "Where the access log (Apache combined format) goes: a file, `-` for "
             "standard error, or an empty string for none."),
+    Setting("server", "access_log_format", "choice", "combined",
+            "`combined` (Apache's) or `json`: one object a line with time, remote_addr, "
+            "request_id, method, target, protocol, status, bytes, referer, user_agent, "
+            "worker_pid, queue_ms (waiting for a worker), app_ms and total_ms.",
+            choices=("combined", "json")),
     Setting("server", "max_body", "int", 100 * 1024 * 1024,
             "Largest request body in bytes; larger ones get 413.", minimum=0),
     Setting("server", "max_header", "int", 64 * 1024,
@@ -149,7 +187,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "keepalive_timeout", "float", 60.0,
             "Seconds an idle keep-alive connection stays open.", minimum=0),
     Setting("server", "graceful_timeout", "float", 30.0,
-            "On stop, seconds in-flight requests get to finish before workers are killed.",
+            "On stop, and for the old generation at a restart, seconds in-flight "
+            "requests get to finish before workers are killed.",
             minimum=0),
     Setting("server", "certificate", "str", None,
             "A PEM certificate chain (relative to the app folder): with `key`, the "

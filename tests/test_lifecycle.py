@@ -174,11 +174,12 @@ def test_access_log_that_cannot_be_opened_is_a_config_error(tmp_path):
     assert "[server] access_log: cannot open" in server.log and "Fix:" in server.log
 
 
-def test_sighup_does_not_stop_the_server(tmp_path):
+def test_sighup_restarts_instead_of_stopping(tmp_path):
     server = ServerProcess(cases_app(tmp_path)).wait_ready()
     try:
         server.proc.send_signal(signal.SIGHUP)
-        server.wait_for(r"SIGHUP received: ignored")
+        server.wait_for(r"SIGHUP received: restarting")
+        server.wait_for(r"generation 2 of cases serves")
         assert get(server.port, b"/pid")[0] == 200
     finally:
         assert server.stop() == 0
@@ -209,3 +210,28 @@ def test_unimportable_app_stops_serve_with_the_key_and_no_respawn_loop(tmp_path)
     assert f"{config}: [app] wsgi = 'nosuch:application'" in server.log
     assert "Fix:" in server.lines[-2]  # the reason, then "stopped"
     assert server.log.count("spawned worker") == 2  # the first two, never a respawn
+
+
+def test_json_access_log_has_timings_worker_and_request_id(tmp_path):
+    import json
+    app = cases_app(tmp_path, server='access_log = "access.jsonl"\naccess_log_format = "json"')
+    server = ServerProcess(app).wait_ready()
+    try:
+        status, _, body, _ = get(server.port, b"/echo?x=1")
+        assert status == 200
+        echoed = json.loads(body)
+        request(server.port, b"GET /files/nope HTTP/1.1\r\nHost: a\r\n"
+                b"X-Request-ID: from-the-proxy-1\r\n\r\n")
+        request(server.port, b"GET /echo HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")  # refused
+    finally:
+        assert server.stop() == 0
+    lines = [json.loads(line) for line in (app / "access.jsonl").read_text().splitlines()]
+    app_line, static_line, refused = lines
+    assert app_line["target"] == "/echo?x=1" and app_line["status"] == 200
+    assert app_line["worker_pid"] == echoed["pid"]
+    assert app_line["request_id"] == echoed["HTTP_X_REQUEST_ID"]
+    assert app_line["app_ms"] > 0 and app_line["queue_ms"] >= 0
+    assert app_line["total_ms"] >= app_line["app_ms"]
+    assert static_line["status"] == 404 and static_line["request_id"] == "from-the-proxy-1"
+    assert static_line["worker_pid"] is None and static_line["app_ms"] is None
+    assert refused["status"] == 400  # refused requests are logged too

@@ -289,8 +289,9 @@ def expected_environ(expect: dict, extra_host: bool = False) -> dict[str, str]:
 def seen_environ(echoed: dict) -> dict[str, str]:
     keys = ("REQUEST_METHOD", "REQUEST_URI", "PATH_INFO", "QUERY_STRING", "SERVER_PROTOCOL",
             "SCRIPT_NAME", "body")
+    # HTTP_X_REQUEST_ID is the front's own addition when the request has none.
     return {k: v for k, v in echoed.items()
-            if k in keys or k.startswith(("HTTP_", "CONTENT_"))}
+            if k in keys or k.startswith(("HTTP_", "CONTENT_")) and k != "HTTP_X_REQUEST_ID"}
 
 
 def with_host(raw: bytes) -> bytes:

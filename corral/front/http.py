@@ -85,7 +85,8 @@ class Request:
     __slots__ = ("method", "target", "version", "headers", "body", "body_size",
                  "keep_alive", "host", "path", "query", "chunked", "started",
                  "expect_continue", "content_length", "head_size", "status",
-                 "sent", "worker_pid", "error", "retried", "in_trailers")
+                 "sent", "worker_pid", "error", "retried", "in_trailers",
+                 "request_id", "routed", "attached")
 
     def __init__(self) -> None:
         self.target = b""
@@ -104,6 +105,9 @@ class Request:
         self.error = ""  # why the front answered with an error, for the log
         self.retried = False
         self.in_trailers = False  # past the head: on_header now sees trailer fields
+        self.request_id = ""
+        self.routed = 0.0  # monotonic: when it was whole and handed on
+        self.attached = 0.0  # monotonic: when a worker took it (0: none did)
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -114,6 +118,12 @@ class Request:
 
 class HttpConnection(asyncio.Protocol):
     """A client connection to the front."""
+
+    # Thousands of these live at once (idle keep-alive clients): no __dict__.
+    __slots__ = ("server", "limits", "transport", "parser", "request", "current", "pipeline",
+                 "peer", "closing", "lost", "eof", "linger_left", "line_open",
+                 "continue_due", "link", "keep_alive", "chunked_response", "body_expected",
+                 "remaining", "deadline", "timer", "timer_kind", "_drained")
 
     def __init__(self, server) -> None:
         self.server = server  # corral.front.server.Front: limits, router, logs
@@ -446,6 +456,8 @@ class HttpConnection(asyncio.Protocol):
         self.disarm()
         self.keep_alive = (request.keep_alive and not self.closing and not self.server.stopping
                            and not (self.eof and not self.pipeline))
+        request.routed = time.monotonic()
+        request.request_id = self.server.request_id(request)
         self.server.route(self, request)
 
     def finish(self) -> None:
@@ -631,6 +643,7 @@ class HttpConnection(asyncio.Protocol):
     def attach(self, link) -> None:
         self.link = link
         self.current.worker_pid = link.worker.pid
+        self.current.attached = time.monotonic()
 
     def describe(self) -> str:
         request = self.current

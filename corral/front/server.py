@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
+import re
 import socket
 import ssl
 import stat
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from corral.config import AppConfig, Bind
@@ -35,10 +38,14 @@ def _field(value: bytes | None) -> str:
     return value.decode("latin-1").translate(_ESCAPE)
 
 
-class AccessLog:
-    """Apache combined format, written straight to a file (one write a line)."""
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,200}")
 
-    def __init__(self, target: str, root: Path) -> None:
+
+class AccessLog:
+    """One line per response, written straight to a file: Apache combined
+    format, or a JSON object per line with the timings and the worker."""
+
+    def __init__(self, target: str, root: Path, form: str = "combined") -> None:
         """`target`: a file (relative to the app folder `root`, its folder
         made if missing), "-" for standard error, or "" for none.  OSError
         if the file cannot be opened."""
@@ -51,6 +58,35 @@ class AccessLog:
             self.out = open(path, "a", encoding="utf-8", buffering=1)
         self._second = 0
         self._stamp = ""
+        if form == "json":
+            self.write = self.write_json
+
+    def write_json(self, conn: HttpConnection, request: Request) -> None:
+        if self.out is None:
+            return
+        done = time.monotonic()
+        method = getattr(request, "method", b"-")
+        headers = {name.lower(): value for name, value in request.headers}
+        routed = request.routed or done
+        record = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "remote_addr": str(conn.peer[0]) or None,
+            "request_id": request.request_id or None,
+            "method": method.decode("latin-1"),
+            "target": request.target.decode("latin-1"),
+            "protocol": f"HTTP/{getattr(request, 'version', '1.1')}",
+            "status": request.status or None,
+            "bytes": request.sent,
+            "referer": _text(headers.get(b"referer")),
+            "user_agent": _text(headers.get(b"user-agent")),
+            "worker_pid": request.worker_pid,
+            # Waiting for a worker, then the worker's time up to the last byte
+            # handed to the client's connection; total from the request's end.
+            "queue_ms": round(((request.attached or done) - routed) * 1000, 3),
+            "app_ms": round((done - request.attached) * 1000, 3) if request.attached else None,
+            "total_ms": round((done - routed) * 1000, 3),
+        }
+        self.out.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def write(self, conn: HttpConnection, request: Request) -> None:
         if self.out is None:
@@ -76,6 +112,10 @@ class AccessLog:
 
 
 _ALLOW_ALL = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
 
 
 def remove_stale_socket(path: str) -> None:
@@ -202,7 +242,10 @@ class Front:
         forbidden = (config.config_file,) if config.config_file else ()
         self.static = [StaticMapping(prefix, folder, forbidden)
                        for prefix, folder in config.static]
-        self.access = AccessLog(config.server["access_log"], config.root)
+        self.access = AccessLog(config.server["access_log"], config.root,
+                                config.server.get("access_log_format", "combined"))
+        self.id_prefix = os.urandom(4).hex().encode()  # request ids: unique across restarts
+        self.id_count = 0
         self.connections: set[HttpConnection] = set()
         self.servers: list[Acceptor] = []
         self.stopping = False
@@ -255,6 +298,18 @@ class Front:
                                   f"{host}:{name[1]}")
         else:
             self.addresses.append(f"{scheme}unix:{name}")
+
+    def request_id(self, request: Request) -> str:
+        """The client's (or its proxy's) X-Request-ID when it is a sane token,
+        else one of ours, which the app then sees as HTTP_X_REQUEST_ID."""
+        for name, value in request.headers:
+            if name.lower() == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+                return value.decode("latin-1")
+        self.id_count += 1
+        new = b"%s-%x" % (self.id_prefix, self.id_count)
+        request.headers = [(n, v) for n, v in request.headers if n.lower() != b"x-request-id"]
+        request.headers.append((b"X-Request-ID", new))
+        return new.decode("latin-1")
 
     # -- routing -------------------------------------------------------------
 
