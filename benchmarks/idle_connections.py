@@ -7,7 +7,8 @@ Each idle connection sends one request, reads the answer and then stays open
 without a word, as a browser's spare connections do.  For each count the
 script prints the server's resident memory (all its processes, workers
 excluded for corral since the front is what holds connections) and the p50
-and p99 latency of 500 requests made on another connection alongside.
+and p99 latency of 500 requests made on another connection alongside.  First,
+with wrk installed, the requests per second of a 10 KB static file.
 """
 
 from __future__ import annotations
@@ -164,6 +165,17 @@ async def active_latency(port: int, requests: int = 500) -> tuple[float, float]:
     return statistics.median(times), times[int(len(times) * 0.99) - 1]
 
 
+def static_rps(port: int, seconds: int = 5) -> float | None:
+    """Requests per second for the 10 KB static file under wrk (32 connections)."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return None
+    out = subprocess.run([wrk, "-t2", "-c32", f"-d{seconds}s",
+                          f"http://127.0.0.1:{port}/static/hello.txt"],
+                         capture_output=True, text=True, check=True).stdout
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
 async def measure(server, counts: list[int]) -> list[tuple]:
     rows = []
     held: list = []
@@ -190,7 +202,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hard < max(counts) + 100:
         sys.exit(f"the open-file limit ({hard}) is below {max(counts)} connections")
-    rows = []
+    rows, statics = [], []
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         for kind in (Corral, Nginx):
             if kind is Nginx and not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")):
@@ -198,6 +210,7 @@ def main() -> None:
                 continue
             server = kind(Path(tmp))
             try:
+                statics.append((server.name, static_rps(server.port)))
                 rows += asyncio.run(measure(server, counts))
             finally:
                 server.stop()
@@ -205,6 +218,10 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for name, count, mib, p50, p99 in rows:
         print(f"| {name} | {count} | {mib:.1f} | {p50:.2f} | {p99:.2f} |")
+    print("\n| server | 10 KB static file, requests/s (wrk, 32 connections, 5 s) |")
+    print("|---|---:|")
+    for name, rps in statics:
+        print(f"| {name} | {'wrk not installed' if rps is None else f'{rps:.0f}'} |")
 
 
 if __name__ == "__main__":

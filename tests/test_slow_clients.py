@@ -341,3 +341,19 @@ def test_no_100_continue_for_a_body_sent_with_its_head(slow_server):  # K11
                      b"Expect: 100-continue\r\n\r\nhello")
         status, _, body, head = read_response(sock)
         assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body)["body"] == "hello"
+
+
+def test_idle_keep_alive_connections_are_closed_after_keepalive_timeout(tmp_path):
+    app = copy_app(APPS / "cases", tmp_path / "cases")
+    (app / "public").mkdir()
+    (app / "corral.toml").write_text(cases_config(app, server="keepalive_timeout = 0.5"))
+    server = ServerProcess(app).wait_ready()
+    try:
+        with connect(server.port) as sock:
+            sock.sendall(GET)
+            assert read_response(sock)[0] == 200
+            started = time.monotonic()
+            assert is_closed(sock, timeout=10)
+            assert time.monotonic() - started >= 0.4  # not before its time
+    finally:
+        server.stop()
