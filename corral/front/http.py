@@ -268,11 +268,15 @@ class HttpConnection(asyncio.Protocol):
     # -- timeouts ------------------------------------------------------------
 
     def arm(self, kind: str, seconds: float) -> None:
-        """Set the one deadline this connection has; moving it costs nothing,
-        the timer re-checks when it fires."""
+        """Set the one deadline this connection has.  Moving it later costs
+        nothing (the timer re-checks when it fires); only a deadline earlier
+        than the pending timer's needs a new timer."""
         self.timer_kind = kind
         loop = asyncio.get_running_loop()
         self.deadline = loop.time() + seconds
+        if self.timer is not None and self.timer.when() > self.deadline:
+            self.timer.cancel()
+            self.timer = None
         if self.timer is None:
             self.timer = loop.call_at(self.deadline, self._on_timer)
 
