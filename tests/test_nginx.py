@@ -119,13 +119,59 @@ def through_listener(tmp_path_factory):
     server.stop()
 
 
+class StandaloneWorkers:
+    """Two `python -m corral.worker` processes on sockets of their own, as a
+    user who supervises workers without corral's pool would run them."""
+
+    def __init__(self, folder, mount: str = "") -> None:
+        self.procs, self.sockets = [], []
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{APPS / 'cases'}"}
+        for i in range(2):
+            path = folder / f"worker{i}.sock"
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "corral.worker", "cases:application",
+                 "--bind", f"unix:{path}", "--mount", mount], cwd=APPS / "cases",
+                stderr=subprocess.PIPE, text=True, env=env)
+            assert "listening on" in proc.stderr.readline()  # its readiness line
+            self.procs.append(proc)
+            self.sockets.append(path)
+
+    @property
+    def pids(self) -> set[int]:
+        return {proc.pid for proc in self.procs}
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+            proc.wait(30)
+            proc.stderr.close()
+
+
+@pytest.fixture(scope="module", params=["listener", "direct"])
+def nginx_in_front(request, through_listener, tmp_path_factory):
+    """Both ways nginx reaches the app: corral's FastCGI listener, or
+    straight to standalone workers' sockets."""
+    if request.param == "listener":
+        yield through_listener
+        return
+    tmp = tmp_path_factory.mktemp("nginx-direct")
+    app = cases_app(tmp)
+    workers = StandaloneWorkers(tmp)
+    upstreams = [arg for path in workers.sockets for arg in ("--upstream", f"unix:{path}")]
+    nginx = Nginx(tmp, nginx_config(app, "--listen", f"unix:{tmp / 'nginx.sock'}", *upstreams))
+    nginx.workers = workers
+    yield nginx
+    nginx.stop()
+    workers.stop()
+
+
 def get(nginx, target: bytes, headers: bytes = b""):
     return nginx.request(b"GET " + target + b" HTTP/1.1\r\nHost: example.org\r\n" + headers
                          + b"Connection: close\r\n\r\n")
 
 
-def test_get_reaches_the_app_with_a_correct_environ(through_listener):  # K10
-    status, _, body, _ = get(through_listener, b"/echo/user/profile?x=1")
+def test_get_reaches_the_app_with_a_correct_environ(nginx_in_front):  # K10
+    status, _, body, _ = get(nginx_in_front, b"/echo/user/profile?x=1")
     assert status == 200
     seen = json.loads(body)
     assert (seen["SCRIPT_NAME"], seen["PATH_INFO"], seen["QUERY_STRING"]) == (
@@ -142,17 +188,17 @@ def test_static_files_are_served_by_nginx(through_listener):
     assert get(through_listener, b"/corral.toml")[0] == 404
 
 
-def test_post_of_5_mb_arrives_whole(through_listener):
+def test_post_of_5_mb_arrives_whole(nginx_in_front):
     data = os.urandom(5 * 1024 * 1024)
-    status, _, body, _ = through_listener.request(
+    status, _, body, _ = nginx_in_front.request(
         b"POST /digest HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
         % len(data) + data)
     assert status == 200
     assert body == b"%d %s" % (len(data), hashlib.sha256(data).hexdigest().encode())
 
 
-def test_chunked_upload_gets_a_content_length(through_listener):  # K01 behind nginx
-    status, _, body, _ = through_listener.request(
+def test_chunked_upload_gets_a_content_length(nginx_in_front):  # K01 behind nginx
+    status, _, body, _ = nginx_in_front.request(
         b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
         b"Content-Type: application/x-www-form-urlencoded\r\nConnection: close\r\n\r\n"
         b"5\r\na=1&b\r\n2\r\n=2\r\n0\r\n\r\n")
@@ -161,16 +207,16 @@ def test_chunked_upload_gets_a_content_length(through_listener):  # K01 behind n
     assert seen["body"] == "a=1&b=2" and seen["CONTENT_LENGTH"] == "7"
 
 
-def test_10_mb_response_arrives_whole(through_listener):
-    status, headers, body, _ = get(through_listener, b"/big?10000000")
+def test_10_mb_response_arrives_whole(nginx_in_front):
+    status, headers, body, _ = get(nginx_in_front, b"/big?10000000")
     assert status == 200 and len(body) == 10_000_000
     block = bytes(range(256)) * 256
     assert body[:65536] == block and body[-1000:] == block[(10_000_000 % 65536) - 1000:
                                                             10_000_000 % 65536]
 
 
-def test_two_cookies_survive(through_listener):  # K06 behind nginx
-    _, headers, _, _ = get(through_listener, b"/cookies")
+def test_two_cookies_survive(nginx_in_front):  # K06 behind nginx
+    _, headers, _, _ = get(nginx_in_front, b"/cookies")
     assert headers["set-cookie*"] == ["a=1; Path=/", "b=2; Path=/"]
 
 
@@ -221,6 +267,23 @@ def test_app_mounted_under_a_prefix(tmp_path):  # K10, sub-path
     finally:
         nginx.stop()
         server.stop()
+
+
+def test_straight_to_workers_mounted_under_a_prefix(tmp_path):  # K10, sub-path
+    workers = StandaloneWorkers(tmp_path, mount="/sub")
+    app = cases_app(tmp_path, mount="/sub")
+    upstreams = [arg for path in workers.sockets for arg in ("--upstream", f"unix:{path}")]
+    nginx = Nginx(tmp_path, nginx_config(app, "--listen", f"unix:{tmp_path / 'nginx.sock'}",
+                                         *upstreams))
+    try:
+        seen = json.loads(get(nginx, b"/sub/echo/x?y=2")[2])
+        assert (seen["SCRIPT_NAME"], seen["PATH_INFO"], seen["QUERY_STRING"]) == (
+            "/sub", "/echo/x", "y=2")
+        assert seen["pid"] in workers.pids
+        assert get(nginx, b"/subway")[0] == 404
+    finally:
+        nginx.stop()
+        workers.stop()
 
 
 def test_nginx_straight_to_a_standalone_worker(tmp_path):  # K10, K16
@@ -307,7 +370,7 @@ def test_listener_drops_a_peer_that_breaks_the_protocol(listener_over_tcp):
     client.close()
 
 
-def test_big_cookie_through_nginx_reaches_the_app(through_listener):  # K19
+def test_big_cookie_through_nginx_reaches_the_app(nginx_in_front):  # K19
     cookie = "k=" + "c" * 6 * 1024
-    status, _, body, _ = get(through_listener, b"/echo", f"Cookie: {cookie}\r\n".encode())
+    status, _, body, _ = get(nginx_in_front, b"/echo", f"Cookie: {cookie}\r\n".encode())
     assert status == 200 and json.loads(body)["HTTP_COOKIE"] == cookie
