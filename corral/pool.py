@@ -8,6 +8,13 @@ which worker is free and which pid served a request.  A worker that dies is
 reaped and replaced; the request it was serving gets a 502 naming its pid
 and the cause; every other request is unaffected.
 
+A request that runs over [app] request_timeout gets 504; its worker is
+asked to stop, killed after a grace period and replaced.  Workers are
+recycled (max_requests, max_rss, max_lifetime) by starting the replacement
+first.  A Supervisor holds an app's generations: a restart starts a new
+Pool beside the current one and switches to it once it is ready (see
+docs/restarts.md).
+
 The engine decides what a worker runs: corral's own `python -m corral.worker`,
 or any FastCGI program (php-cgi, ...) under the same supervision.  An engine
 with an `address` is a server someone else runs: the pool only keeps
@@ -22,18 +29,22 @@ import ctypes
 import errno
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from corral.config import AppConfig
 from corral.deploy import DeployResult, run_deploy
-from corral.front.errors import GatewayError, Unavailable
+from corral.front.errors import GatewayError, GatewayTimeout, Unavailable
 from corral.front.upstream import Link
+from corral.settings import BY_NAME
 from corral.worker import EXIT_APP_LOAD_ERROR
 
 log = logging.getLogger("corral.error")
@@ -51,6 +62,59 @@ KILL_GRACE = 5.0  # after SIGTERM at stop, seconds before SIGKILL
 VALUES_GRACE = 2.0  # seconds a FastCGI program gets to answer GET_VALUES (see connect)
 CONNECT_RETRY = 0.05  # seconds between tries to reach a program that binds its own port
 PR_SET_PDEATHSIG = 1
+STACK_SIGNAL = signal.SIGUSR1  # our worker logs the stuck request's stack, then exits
+WATCH_EVERY = 1.0  # seconds between checks of idle workers' [app] max_lifetime
+CRASH_LIMIT = 5  # quick deaths in a row after which a new generation counts as failed
+
+LIMIT_KEYS = ("request_timeout", "timeout_grace", "max_requests", "max_requests_jitter",
+              "max_rss", "max_lifetime")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What bounds a worker: its request time and when it is recycled."""
+
+    request_timeout: float = 0.0
+    timeout_grace: float = 5.0
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    max_rss: int = 0  # MiB
+    max_lifetime: float = 0.0
+
+
+def read_keys(config: AppConfig, section: str, keys: tuple[str, ...]) -> dict:
+    """The values of `keys` of `section` in `config`, with their defaults.
+
+    AppConfig does not carry the keys of restarts, recycling and timeouts
+    yet (corral.config is not this module's to change), so they are read
+    again from the config file, which corral.config.load has already checked
+    against corral.settings: kinds and minimums are known good.
+    """
+    table: dict = {}
+    if config.config_file is not None:
+        try:
+            with open(config.config_file, "rb") as f:
+                table = tomllib.load(f).get(section, {})
+        except (OSError, tomllib.TOMLDecodeError):
+            table = {}
+    return {key: table.get(key, BY_NAME[(section, key)].default) for key in keys}
+
+
+def read_limits(config: AppConfig) -> Limits:
+    """The [app] limits of `config`."""
+    return Limits(**read_keys(config, "app", LIMIT_KEYS))
+
+
+def read_rss(pid: int) -> int | None:
+    """Resident memory of `pid` in KiB (VmRSS), or None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _die_with_us(parent: int):
@@ -151,25 +215,58 @@ class WorkerProcess:
         self.address: str | tuple[str, int] = str(self.socket_path)
         self.port = 0  # its TCP port, with the tcp transport
         self.link: Link | None = None
-        self.state = "booting"  # booting, idle, busy, stopping, dead
+        # booting, idle, busy, retiring (leaves once its request is done),
+        # stopping, dead
+        self.state = "booting"
         self.spawned = time.monotonic()
         self.requests = 0
+        limits = pool.limits
+        self.max_requests = limits.max_requests + (
+            random.randint(0, limits.max_requests_jitter) if limits.max_requests else 0)
+        self.leaving = ""  # why it is being replaced ("" while it serves)
+        self.refill = False  # its replacement starts when it has exited
+        self.timer: asyncio.TimerHandle | None = None  # its request's timeout
+        self.rss = 0  # KiB, as last read after a request
+
+    def request_started(self, link: Link) -> None:
+        timeout = self.pool.limits.request_timeout
+        if timeout:
+            self.timer = asyncio.get_running_loop().call_later(
+                timeout, self.pool.request_timed_out, link)
 
     def request_done(self, link: Link) -> None:
+        self.cancel_timer()
         self.requests += 1
+        self.pool.request_done(self)
         self.pool.release(link)
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class Pool:
     """The workers of one app, all of one generation."""
 
-    def __init__(self, config: AppConfig, run_dir: Path) -> None:
+    def __init__(self, config: AppConfig, run_dir: Path, generation: int = 1) -> None:
         self.config = config
         self.run_dir = run_dir
-        self.generation = 1
-        self.state = "starting"  # starting, deploying, ready, failed, stopping
+        self.generation = generation
+        self.limits = read_limits(config)
+        # [deploy] exclusive: the deploy step runs alone, before any worker.
+        self.exclusive = read_keys(config, "deploy", ("exclusive",))["exclusive"]
+        self.crash_looping = False  # marked failed because its workers keep dying
+        # starting, deploying, ready, failed; then retiring (an old
+        # generation finishing its requests) or stopping
+        self.state = "starting"
         self.failure = ""
         self.workers: dict[int, WorkerProcess] = {}  # by slot
+        # A recycled worker keeps serving until the replacement in its slot
+        # is ready: slot -> the worker on its way out.
+        self.outgoing: dict[int, WorkerProcess] = {}
+        self.leaving: set[WorkerProcess] = set()  # out of rotation, not yet exited
+        self.progress = asyncio.Event()  # set when a worker becomes ready or exits
         self.idle: list[Link] = []
         self.waiters: deque[Waiter] = deque()
         self.spawned = 0  # workers spawned so far, for unique socket names
@@ -193,6 +290,21 @@ class Pool:
             env["PYTHONPATH"] = self.config.env["PYTHONPATH"] + os.pathsep + inherited
         return env
 
+    @property
+    def closing(self) -> bool:
+        """Stopping, or an old generation finishing: nothing is respawned."""
+        return self.state in ("stopping", "retiring")
+
+    def all_workers(self) -> list[WorkerProcess]:
+        """Every worker process of the pool: in a slot, outgoing or leaving."""
+        found = {id(w): w for w in self.workers.values()}
+        for worker in [*self.outgoing.values(), *self.leaving]:
+            found.setdefault(id(worker), worker)
+        return list(found.values())
+
+    def ready_count(self) -> int:
+        return sum(w.state in ("idle", "busy") for w in self.workers.values())
+
     def _task(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
@@ -206,7 +318,9 @@ class Pool:
         requests once it has succeeded.  Returns when the pool is ready or
         has failed (see .state and .failure)."""
         self.state = "deploying"
-        spawns = [self._task(self.spawn(slot)) for slot in range(self.config.processes)]
+        alone = self.exclusive and self.config.deploy.argv
+        spawns = [] if alone else [self._task(self.spawn(slot))
+                                   for slot in range(self.config.processes)]
         if self.config.deploy.argv:
             self.last_deploy = await run_deploy(
                 self.config.deploy, self.config.root, self.env, self.generation,
@@ -215,6 +329,8 @@ class Pool:
                 self.fail(f"deploy step failed ({self.last_deploy.describe()}), "
                           f"see {self.last_deploy.log}")
                 return
+        if alone:
+            spawns = [self._task(self.spawn(slot)) for slot in range(self.config.processes)]
         # Ready means answering: wait for the first workers to import the
         # app (each spawn ends at readiness, exit or its boot timeout).
         await asyncio.wait(spawns)
@@ -222,6 +338,27 @@ class Pool:
             self.state = "ready"
             self.deployed.set_result(True)
             self._serve_waiters()
+            if self.limits.max_lifetime:
+                self._task(self._watch_lifetimes())
+
+    async def wait_all_ready(self, timeout: float) -> str:
+        """Wait until every slot has a ready worker; "" then, else why not
+        (the pool failed, its workers keep dying, or `timeout` passed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.state == "failed":
+                return self.failure
+            if self.quick_exits >= CRASH_LIMIT:
+                return f"its workers keep dying ({self.quick_exits} quick exits in a row)"
+            if self.ready_count() == self.config.processes:
+                return ""
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return (f"{self.ready_count()} of {self.config.processes} workers ready "
+                        f"after {timeout:.0f} s")
+            self.progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.progress.wait(), remaining)
 
     def fail(self, reason: str) -> None:
         self.state = "failed"
@@ -240,8 +377,10 @@ class Pool:
         self._refuse_waiters(Unavailable("server is stopping"))
         for task in list(self.tasks):
             task.cancel()
-        procs = [w.proc for w in self.workers.values() if w.proc is not None]
-        for worker in self.workers.values():
+        workers = self.all_workers()
+        procs = [w.proc for w in workers if w.proc is not None]
+        for worker in workers:
+            worker.cancel_timer()
             # Idle links go first: php-cgi waits for the next request on a kept
             # connection and heeds SIGTERM only once that connection ends.
             if worker.state == "idle" and worker.link is not None and not worker.link.closed:
@@ -251,14 +390,14 @@ class Pool:
         if procs:
             done, pending = await asyncio.wait(
                 [asyncio.ensure_future(p.wait()) for p in procs], timeout=KILL_GRACE)
-            for worker in self.workers.values():
+            for worker in workers:
                 if worker.proc is not None and worker.proc.returncode is None:
                     log.warning("worker pid %s did not stop in %.0f s: SIGKILL",
                                 worker.pid, KILL_GRACE)
                     self._signal(worker, signal.SIGKILL)
             if pending:
                 await asyncio.wait(pending, timeout=KILL_GRACE)
-        for worker in self.workers.values():
+        for worker in workers:
             if worker.link is not None and worker.link.transport is not None:
                 worker.link.transport.close()
             try:
@@ -334,7 +473,7 @@ class Pool:
         """Start the worker of `slot` and wait until it is ready."""
         if delay:
             await asyncio.sleep(delay)
-        if self.state == "stopping":
+        if self.closing:
             return
         if self.engine.address is not None:
             await self.attach(slot)
@@ -389,7 +528,7 @@ class Pool:
                 # listening there until it has started: try again until it
                 # listens, exits or runs out of boot time.
                 if (not self.engine.listens_itself or (exited and exited.done())
-                        or self.state == "stopping"):
+                        or self.closing):
                     log.error("cannot connect to worker pid %s: %s", worker.pid, exc)
                     return  # reap() handles the process
                 if time.monotonic() > deadline:
@@ -423,7 +562,18 @@ class Pool:
                          time.monotonic() - worker.spawned)
             self.quick_exits = 0
             self.ever_ready = True
+            if self.crash_looping and self.state == "failed":
+                self.crash_looping = False
+                self.state, self.failure = "ready", ""
+                log.info("%s serves again: worker pid %s started", self.config.name,
+                         worker.pid)
             self.release(link)
+            old = self.outgoing.pop(worker.slot, None)
+            if old is not None and old is not worker:
+                log.info("worker pid %s replaces worker pid %s, which leaves after its "
+                         "request", worker.pid, old.pid)
+                self.retire(old)
+            self.progress.set()
         elif not done:
             log.error("worker pid %s did not become ready in %.0f s: killing it",
                       worker.pid, self.config.boot_timeout)
@@ -436,10 +586,27 @@ class Pool:
         status = await worker.proc.wait()
         previous = worker.state
         worker.state = "dead"
+        worker.cancel_timer()
+        self.leaving.discard(worker)
+        if self.outgoing.get(worker.slot) is worker:
+            del self.outgoing[worker.slot]
+        self.progress.set()
         with contextlib.suppress(OSError):
             worker.socket_path.unlink()  # its replacement gets a socket of its own
-        if self.state == "stopping" or previous == "stopping":
+        if self.closing or previous == "stopping":
             log.info("worker pid %s stopped (%s)", worker.pid, describe_exit(status))
+            return
+        if worker.leaving:
+            # Its slot has a replacement already; asked to go or not, this
+            # process is not respawned.
+            expected = previous == "retiring"
+            log.log(logging.INFO if expected else logging.ERROR,
+                    "worker pid %s of %s %s (%s) after %s requests; it was being "
+                    "replaced because %s", worker.pid, self.config.name,
+                    "exited" if expected else "exited unexpectedly", describe_exit(status),
+                    worker.requests, worker.leaving)
+            if worker.refill and self.workers.get(worker.slot) is worker:
+                self._task(self.spawn(worker.slot))
             return
         lived = time.monotonic() - worker.spawned
         # php-cgi exits by itself after PHP_FCGI_MAX_REQUESTS (500 by default)
@@ -468,6 +635,18 @@ class Pool:
                       worker.pid, self.config.name, describe_exit(status), lived)
         if (lived < QUICK_EXIT or previous == "booting") and not recycled:
             self.quick_exits += 1
+            if (self.quick_exits >= CRASH_LIMIT and self.state == "ready"
+                    and not self.ready_count()):
+                # Nothing serves and nothing starts: say so to clients (503)
+                # and in status, instead of queueing them for nothing.
+                # Respawns go on with back-off, so a passing cause (a
+                # database down at import) heals by itself.
+                self.crash_looping = True
+                log.error("%s marked failed: its workers keep dying (%s quick exits in "
+                          "a row, the last %s); trying again every %.0f s at most",
+                          self.config.name, self.quick_exits, describe_exit(status),
+                          MAX_BACKOFF)
+                self.fail(f"its workers keep dying ({describe_exit(status)})")
         if self.workers.get(worker.slot) is worker:
             self._task(self.spawn(worker.slot, self._backoff()))
 
@@ -535,7 +714,7 @@ class Pool:
                 handler.upstream_failed(error)
             else:
                 handler.upstream_retry(error)
-        if self.state == "stopping" or self.workers.get(worker.slot) is not worker:
+        if self.closing or self.workers.get(worker.slot) is not worker:
             return
         if worker.state == "booting":
             # Closed before it answered: a server that accepts and hangs up
@@ -556,6 +735,7 @@ class Pool:
 
     def link_lost(self, link: Link) -> None:
         worker = link.worker
+        worker.cancel_timer()  # whatever it was serving has ended, one way or another
         if link in self.idle:
             self.idle.remove(link)
         if worker.link is link:
@@ -565,14 +745,14 @@ class Pool:
             return
         if link.handler is not None:
             self._task(self._report_lost_request(link))
-        elif (worker.state == "busy" and self.state != "stopping"
+        elif (worker.state == "busy" and not self.closing
               and worker.proc is not None and worker.proc.returncode is None):
             # The worker dropped the connection after cutting a response
             # short; it is alive and accepting again, so reconnect.
             worker.state = "booting"
             self._task(self.connect(worker))
         elif (worker.state == "idle" and not self.engine.builtin
-              and self.state != "stopping" and worker.proc is not None):
+              and not self.closing and worker.proc is not None):
             # Our own worker closes an idle link only when it dies; another
             # FastCGI program may close it and live on.
             self._task(self._relink(worker))
@@ -584,7 +764,7 @@ class Pool:
             return  # it exited: reap() replaces it
         except TimeoutError:
             pass
-        if self.state != "stopping" and worker.state == "idle" and worker.link is None:
+        if not self.closing and worker.state == "idle" and worker.link is None:
             log.info("worker pid %s closed its idle connection: reconnecting", worker.pid)
             worker.state = "booting"
             await self.connect(worker)
@@ -606,7 +786,8 @@ class Pool:
             handler.upstream_failed(error)
         else:
             handler.upstream_retry(error)
-        if worker.proc.returncode is None and self.state != "stopping":
+        if (worker.proc.returncode is None and not self.closing
+                and worker.state != "retiring"):
             worker.state = "booting"
             await self.connect(worker)
 
@@ -633,6 +814,9 @@ class Pool:
     def release(self, link: Link) -> None:
         """`link` is free: give it to the first waiting request, or keep it."""
         worker = link.worker
+        if worker.state == "retiring":
+            self._dismiss(worker)  # its request is done: now it may go
+            return
         if link.closed or worker.state in ("stopping", "dead"):
             return
         if self.state == "ready" and self.waiters and link.alive():
@@ -641,6 +825,169 @@ class Pool:
             return
         worker.state = "idle"
         self.idle.append(link)
+
+    # -- timeouts and recycling ------------------------------------------------
+
+    def request_timed_out(self, link: Link) -> None:
+        """The request on `link` ran over [app] request_timeout: the client
+        gets 504 now (never a retry: the app may have acted on it), and the
+        worker is asked to stop, killed after [app] timeout_grace, and
+        replaced at once, since it is stuck."""
+        worker = link.worker
+        worker.timer = None
+        handler, link.handler = link.handler, None  # what the worker sends now is dropped
+        if handler is None or link.closed:
+            return
+        timeout, grace = self.limits.request_timeout, self.limits.timeout_grace
+        describe = getattr(handler, "describe", None)
+        what = describe() if describe else "a request whose client has gone"
+        error = GatewayTimeout(f"worker pid {worker.pid} ran over [app] request_timeout = "
+                               f"{timeout:g} s and was stopped")
+        if self.engine.address is not None:
+            log.critical("%s ran over [app] request_timeout = %g s on link %s to the "
+                         "FastCGI server at %s: answering 504 and closing the link",
+                         what, timeout, worker.slot, self.engine.address)
+            handler.upstream_failed(error)
+            link.transport.close()  # link_lost() reconnects
+            return
+        sig = STACK_SIGNAL if self.engine.builtin else signal.SIGTERM
+        log.critical("worker pid %s timed out: %s ran over [app] request_timeout = %g s; "
+                     "answering 504, sending %s%s, SIGKILL in %g s", worker.pid, what,
+                     timeout, sig.name, " (it logs the app's stack)" if self.engine.builtin
+                     else "", grace)
+        handler.upstream_failed(error)
+        worker.leaving = "its request timed out"
+        worker.state = "retiring"
+        self.leaving.add(worker)
+        if self.outgoing.get(worker.slot) is worker:
+            del self.outgoing[worker.slot]  # its replacement is on the way already
+        elif self.workers.get(worker.slot) is worker and not self.closing:
+            self._task(self.spawn(worker.slot))
+        try:
+            # The worker alone, not its group: the default action of the
+            # stack signal would kill children the app started.
+            os.kill(worker.pid, sig)
+        except ProcessLookupError:
+            pass
+        asyncio.get_running_loop().call_later(grace, self._signal, worker, signal.SIGKILL)
+
+    def request_done(self, worker: WorkerProcess) -> None:
+        """After each request: is the worker due for recycling?"""
+        if worker.leaving or self.closing or self.engine.address is not None:
+            return
+        limits = self.limits
+        cause = ""
+        if worker.max_requests and worker.requests >= worker.max_requests:
+            jitter = (f", {worker.max_requests} with jitter" if limits.max_requests_jitter
+                      else "")
+            cause = (f"it served {worker.requests} requests ([app] max_requests = "
+                     f"{limits.max_requests}{jitter})")
+        elif limits.max_rss:
+            rss = read_rss(worker.pid)
+            if rss is not None:
+                worker.rss = rss
+                if rss > limits.max_rss * 1024:
+                    cause = (f"its memory is {rss / 1024:.0f} MiB ([app] max_rss = "
+                             f"{limits.max_rss})")
+        age = time.monotonic() - worker.spawned
+        if not cause and limits.max_lifetime and age > limits.max_lifetime:
+            cause = f"it lived {age:.0f} s ([app] max_lifetime = {limits.max_lifetime:g})"
+        if cause:
+            self.recycle(worker, cause)
+
+    def recycle(self, worker: WorkerProcess, cause: str) -> None:
+        """Replace `worker` gracefully: it serves on until its replacement is
+        ready (see connect), then leaves after the request it is serving."""
+        worker.leaving = cause
+        if not self._spare_port():
+            # Every port of [engines.NAME] ports is taken: the replacement
+            # can only have this worker's, so it starts once this one is gone.
+            log.info("recycling worker pid %s of %s: %s; it leaves after its request and "
+                     "its replacement starts then (no spare port in %s)", worker.pid,
+                     self.config.name, cause, "-".join(map(str, self.engine.ports)))
+            worker.refill = True
+            self.retire(worker)
+            return
+        self.outgoing[worker.slot] = worker
+        log.info("recycling worker pid %s of %s: %s; its replacement starts first",
+                 worker.pid, self.config.name, cause)
+        self._task(self.spawn(worker.slot))
+
+    def _spare_port(self) -> bool:
+        """Room for one more worker in the engine's port range, if it has one."""
+        if self.engine.transport != "tcp" or not self.engine.ports:
+            return True
+        low, high = self.engine.ports
+        live = sum(w.state != "dead" for w in self.all_workers())
+        return high - low + 1 > live
+
+    async def _watch_lifetimes(self) -> None:
+        # Busy workers are looked at after their request (request_done);
+        # this catches the idle ones, which may idle for hours.
+        while not self.closing:
+            await asyncio.sleep(WATCH_EVERY)
+            lifetime = self.limits.max_lifetime
+            now = time.monotonic()
+            for worker in list(self.workers.values()):
+                age = now - worker.spawned
+                if worker.state == "idle" and not worker.leaving and age > lifetime:
+                    self.recycle(worker, f"it lived {age:.0f} s ([app] max_lifetime = "
+                                 f"{lifetime:g})")
+
+    def retire(self, worker: WorkerProcess) -> None:
+        """Out of rotation: at once if idle, after its request if busy."""
+        if worker.state == "busy":
+            worker.state = "retiring"
+            self.leaving.add(worker)
+        elif worker.state in ("idle", "booting"):
+            self._dismiss(worker)
+
+    def _dismiss(self, worker: WorkerProcess) -> None:
+        """Close the idle worker's link and ask it to exit (SIGTERM)."""
+        worker.state = "retiring"
+        self.leaving.add(worker)
+        link = worker.link
+        if link is not None:
+            if link in self.idle:
+                self.idle.remove(link)
+            if not link.closed and link.transport is not None:
+                link.transport.close()
+        self._signal(worker, signal.SIGTERM)
+
+    # -- generations -----------------------------------------------------------
+
+    def adopt_waiters(self, old: Pool) -> None:
+        """Take over the requests queued in the generation `old`, keeping
+        what is left of their wait."""
+        loop = asyncio.get_running_loop()
+        while old.waiters:
+            waiter = old.waiters.popleft()
+            if waiter.done:
+                continue
+            left = self.config.queue_timeout
+            if waiter.timer is not None:
+                left = max(waiter.timer.when() - loop.time(), 0.0)
+                waiter.timer.cancel()
+            waiter.timer = loop.call_later(left, self._expire, waiter)
+            self.waiters.append(waiter)
+        self._serve_waiters()
+
+    async def retire_generation(self, grace: float) -> None:
+        """An old generation's end: no new work; idle workers go at once,
+        busy ones after their request, within `grace` seconds; then stop."""
+        self.state = "retiring"
+        workers = self.all_workers()
+        for worker in workers:
+            self.retire(worker)
+        waits = [asyncio.ensure_future(w.proc.wait()) for w in workers
+                 if w.proc is not None and w.proc.returncode is None]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=grace)
+            if pending:
+                log.warning("generation %s of %s: %d workers still busy after the %.0f s "
+                            "graceful timeout; stopping them", self.generation,
+                            self.config.name, len(pending), grace)
+        await self.stop()
 
     def _serve_waiters(self) -> None:
         while self.idle and self.waiters:
@@ -696,3 +1043,242 @@ class Pool:
                 f"no worker became free within {self.config.queue_timeout:g} s", retry_after=5)
         waiter.timer = None
         waiter.settle(None, error)
+
+
+class Supervisor:
+    """An app's generations.  The front dispatches through it to the current
+    pool; a restart starts the next one (its own workers and deploy step),
+    moves new requests to it once every worker is ready, and lets the
+    previous one finish its in-flight requests.  A generation that cannot
+    serve is stopped and the one before keeps serving."""
+
+    def __init__(self, config: AppConfig, run_dir: Path, reload=None) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        # Returns the AppConfig for the next generation (the config file read
+        # again), or raises ConfigError; None: the same config each time.
+        self.reload = reload
+        self.current = Pool(config, run_dir)
+        self.starting: Pool | None = None  # the next generation, while it boots
+        self.old: set[Pool] = set()  # generations finishing their requests
+        self.generations = 1
+        # Only the first generation can stop the server (an app that was
+        # never importable); a later one that fails just is not switched to.
+        self.fatal = self.current.fatal
+        self.restarts: deque[dict] = deque(maxlen=10)  # the latest, for status
+        self.last_deploy: dict | None = None
+        self.stopping = False
+        self._running: asyncio.Task | None = None
+        self._queued: asyncio.Future | None = None
+        self._queued_cause = ""
+        self.tasks: set[asyncio.Task] = set()
+
+    def _task(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # -- what the front calls (the same as a Pool's) ---------------------------
+
+    def acquire_nowait(self) -> Link | None:
+        return self.current.acquire_nowait()
+
+    def wait_for_link(self, callback) -> None:
+        self.current.wait_for_link(callback)
+
+    def release(self, link: Link) -> None:
+        link.worker.pool.release(link)  # to the generation the link belongs to
+
+    def script_params(self, path: bytes) -> list[tuple[bytes, bytes]]:
+        return self.current.script_params(path)
+
+    @property
+    def state(self) -> str:
+        return self.current.state
+
+    @property
+    def failure(self) -> str:
+        return self.current.failure
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.current.start()
+        self._note_deploy(self.current)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for task in list(self.tasks):
+            task.cancel()
+        if self._queued is not None and not self._queued.done():
+            self._queued.set_result({"ok": False, "message": "the server is stopping"})
+        pools = [self.current, *self.old] + ([self.starting] if self.starting else [])
+        await asyncio.gather(*(pool.stop() for pool in pools))
+
+    def restart(self, cause: str) -> asyncio.Future:
+        """Start a new generation; the future's result is a dict saying how
+        it went ("ok", "generation", "message").  A restart asked for while
+        one runs is done once after it, since the code may have changed after
+        the running one read it; further asks join that queued one."""
+        if self.stopping:
+            done = asyncio.get_running_loop().create_future()
+            done.set_result({"ok": False, "message": "the server is stopping"})
+            return done
+        if self._running is None:
+            self._running = self._task(self._restart(cause))
+            return self._running
+        if self._queued is None:
+            log.info("restart of %s (%s) queued: a restart is in progress", self.config.name,
+                     cause)
+            self._queued = asyncio.get_running_loop().create_future()
+            self._queued_cause = cause
+        return self._queued
+
+    async def _restart(self, cause: str) -> dict:
+        try:
+            return await self._new_generation(cause)
+        finally:
+            self._running = None
+            queued, self._queued = self._queued, None
+            if queued is not None and not self.stopping:
+                task = self.restart(self._queued_cause)
+                task.add_done_callback(lambda t: queued.done() or queued.set_result(
+                    t.result() if not t.cancelled() else {"ok": False,
+                                                          "message": "cancelled"}))
+
+    async def _new_generation(self, cause: str) -> dict:
+        if not self.current.deployed.done():
+            # Two deploy steps at once could run the same migration twice.
+            log.info("restart of %s (%s) waits for generation %s to finish starting",
+                     self.config.name, cause, self.current.generation)
+            await asyncio.shield(self.current.deployed)
+        self.generations += 1
+        number = self.generations
+        name = self.config.name
+        started = time.monotonic()
+        log.info("restart of %s (%s): starting generation %s; generation %s serves "
+                 "meanwhile", name, cause, number, self.current.generation)
+        try:
+            config = self.reload() if self.reload is not None else self.config
+        except Exception as exc:  # ConfigError, or a file that vanished
+            return self._failed(number, cause, f"the config cannot be read: {exc}")
+        pool = Pool(config, self.run_dir, number)
+        if pool.exclusive and config.deploy.argv:
+            return await self._exclusive(pool, cause, started)
+        self.starting = pool
+        try:
+            await pool.start()
+            self._note_deploy(pool)
+            why = pool.failure if pool.state != "ready" else await pool.wait_all_ready(
+                config.boot_timeout)
+            if pool.fatal.done():
+                why = pool.fatal.result()
+        except BaseException:
+            self.starting = None
+            await pool.stop()
+            raise
+        self.starting = None
+        if why:
+            await pool.stop()
+            return self._failed(number, cause, why)
+        old, self.current, self.config = self.current, pool, config
+        pool.adopt_waiters(old)
+        pids = ", ".join(str(w.pid) for w in pool.workers.values())
+        log.info("generation %s of %s serves (worker pids %s), ready in %.1f s; generation "
+                 "%s finishes its in-flight requests", number, name, pids,
+                 time.monotonic() - started, old.generation)
+        self.old.add(old)
+        self._task(self._retire(old))
+        result = {"ok": True, "generation": number, "cause": cause,
+                  "message": f"generation {number} serves (worker pids {pids})",
+                  "at": time.time()}
+        self.restarts.append(result)
+        return result
+
+    async def _exclusive(self, pool: Pool, cause: str, started: float) -> dict:
+        """[deploy] exclusive: the old generation stops first (its in-flight
+        requests finish), the deploy step runs alone, then the workers start.
+        Requests arriving meanwhile wait in the new generation's queue, up to
+        [deploy] hold, then get 503 with Retry-After and the "deployment in
+        progress" page.  With nothing to fall back on, a failure leaves the
+        app answering 503 until a restart succeeds."""
+        old, self.current, self.config = self.current, pool, pool.config
+        number = pool.generation
+        log.info("restart of %s ([deploy] exclusive): generation %s stops first; requests "
+                 "wait up to %g s ([deploy] hold), then get 503", self.config.name,
+                 old.generation, pool.config.deploy.hold)
+        pool.adopt_waiters(old)
+        self.old.add(old)
+        await self._retire(old)
+        await pool.start()
+        self._note_deploy(pool)
+        why = pool.failure if pool.state != "ready" else await pool.wait_all_ready(
+            pool.config.boot_timeout)
+        if why:
+            log.error("restart of %s (%s) FAILED: generation %s cannot serve: %s; with "
+                      "[deploy] exclusive there is no old generation to fall back on%s",
+                      self.config.name, cause, number, why,
+                      ": the app answers 503" if pool.state == "failed" else "")
+            result = {"ok": False, "generation": number, "cause": cause,
+                      "message": f"generation {number} cannot serve: {why}",
+                      "at": time.time()}
+        else:
+            pids = ", ".join(str(w.pid) for w in pool.workers.values())
+            log.info("generation %s of %s serves (worker pids %s), %.1f s after the restart "
+                     "began", number, self.config.name, pids, time.monotonic() - started)
+            result = {"ok": True, "generation": number, "cause": cause,
+                      "message": f"generation {number} serves (worker pids {pids})",
+                      "at": time.time()}
+        self.restarts.append(result)
+        return result
+
+    def _failed(self, number: int, cause: str, why: str) -> dict:
+        log.error("restart of %s (%s) FAILED: generation %s cannot serve: %s; generation "
+                  "%s keeps serving", self.config.name, cause, number, why,
+                  self.current.generation)
+        result = {"ok": False, "generation": number, "cause": cause,
+                  "message": f"generation {number} cannot serve: {why}; generation "
+                             f"{self.current.generation} keeps serving", "at": time.time()}
+        self.restarts.append(result)
+        return result
+
+    async def _retire(self, old: Pool) -> None:
+        await old.retire_generation(self.config.server["graceful_timeout"])
+        self.old.discard(old)
+        log.info("generation %s of %s stopped", old.generation, self.config.name)
+
+    def _note_deploy(self, pool: Pool) -> None:
+        result = pool.last_deploy
+        if result is not None:
+            self.last_deploy = {"generation": pool.generation, "ok": result.ok,
+                                "result": result.describe(), "log": str(result.log),
+                                "at": time.time()}
+
+    # -- status ------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """What `corral status` shows: plain data, ready for JSON."""
+        now = time.monotonic()
+        pools = [self.current, *sorted(self.old, key=lambda p: p.generation)]
+        if self.starting is not None:
+            pools.append(self.starting)
+        workers = []
+        for pool in pools:
+            for worker in sorted(pool.all_workers(), key=lambda w: (w.slot, w.spawned)):
+                if worker.state == "dead":
+                    continue
+                rss = read_rss(worker.pid) if worker.pid else None
+                workers.append({"pid": worker.pid, "generation": pool.generation,
+                                "slot": worker.slot, "state": worker.state,
+                                "requests": worker.requests,
+                                "rss_mib": round(rss / 1024, 1) if rss else None,
+                                "age": round(now - worker.spawned, 1),
+                                "leaving": worker.leaving})
+        return {"app": self.config.name, "root": str(self.config.root),
+                "state": self.current.state, "failure": self.current.failure,
+                "generation": self.current.generation,
+                "starting": self.starting.generation if self.starting else None,
+                "retiring": sorted(p.generation for p in self.old),
+                "queue": len(self.current.waiters), "workers": workers,
+                "last_deploy": self.last_deploy, "restarts": list(self.restarts)}

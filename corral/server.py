@@ -1,5 +1,6 @@
 """One running server: the front and the app's pool composed, started in the
-right order and stopped gracefully on SIGTERM or SIGINT.
+right order, restarted by generations (SIGHUP, tmp/restart.txt, a changed
+config file, `corral restart`) and stopped gracefully on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import signal
 import tempfile
 from pathlib import Path
 
-from corral.config import AppConfig
+from corral import systemd
+from corral.config import AppConfig, load
+from corral.control import ControlServer, watch_restart_file
 from corral.front.server import Front
-from corral.pool import Pool
+from corral.pool import Supervisor
+from corral.venv import use_app_python
 
 log = logging.getLogger("corral.error")
 
@@ -26,6 +30,9 @@ class Server:
     def __init__(self, config: AppConfig) -> None:
         self.config = config
         self.stop_requested: asyncio.Event | None = None
+        self.notify = systemd.Notifier.from_environ()
+        self.supervisor: Supervisor | None = None
+        self.run_dir: Path | None = None
 
     def handle_signal(self, signum: int) -> None:
         if not self.stop_requested.is_set():
@@ -33,17 +40,43 @@ class Server:
                      signal.Signals(signum).name)
             self.stop_requested.set()
 
+    def handle_hup(self) -> None:
+        if self.supervisor is None or self.stop_requested.is_set():
+            log.warning("SIGHUP received while %s: ignored",
+                        "stopping" if self.stop_requested.is_set() else "starting")
+            return
+        log.info("SIGHUP received: restarting %s with a new generation", self.config.name)
+        self.supervisor.restart("SIGHUP")
+
+    def reload(self) -> AppConfig:
+        """The config of the next generation: the app's config file read
+        again.  The front keeps the [server] and [static] it started with."""
+        config = load(self.config.root)
+        use_app_python(config.env, config.python, self.run_dir)
+        if (config.static != self.config.static or config.mount != self.config.mount
+                or {k: v for k, v in config.server.items() if k not in ("tls", "bind")}
+                != {k: v for k, v in self.config.server.items() if k not in ("tls", "bind")}):
+            log.warning("%s: changes to [server], [static] and [app] mount take effect "
+                        "at the next start, not at a restart", config.source)
+        config.server, config.static, config.mount = (
+            self.config.server, self.config.static, self.config.mount)
+        return config
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self.stop_requested = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.handle_signal, signum)
-        # SIGHUP's default would kill us mid-request; restarts are to come.
-        loop.add_signal_handler(signal.SIGHUP, log.warning,
-                                "SIGHUP received: ignored (this version does not restart "
-                                "on SIGHUP; stop and start corral instead)")
+        loop.add_signal_handler(signal.SIGHUP, self.handle_hup)
+        try:
+            listeners = systemd.listen_sockets()  # before the pool: children must not see them
+        except ValueError as exc:
+            log.error("sockets passed by systemd: %s", exc)
+            return EXIT_CONFIG
         run_dir = Path(tempfile.mkdtemp(prefix="corral-"))
-        pool = Pool(self.config, run_dir)
+        self.run_dir = run_dir
+        use_app_python(self.config.env, self.config.python, run_dir)
+        pool = Supervisor(self.config, run_dir, reload=self.reload)
         try:
             front = Front(self.config, pool)
         except OSError as exc:
@@ -53,7 +86,12 @@ class Server:
                       self.config.source, exc.filename, exc.strerror)
             return EXIT_CONFIG
         try:
-            for bind in self.config.server["bind"]:
+            for sock, protocol in listeners:  # socket activation: instead of binding
+                await front.start_socket(sock, protocol)
+            if listeners:
+                log.info("serving on the %d socket(s) systemd passed; [server] bind is not "
+                         "used", len(listeners))
+            for bind in [] if listeners else self.config.server["bind"]:
                 try:
                     await front.start(bind)
                 except OSError as exc:
@@ -69,8 +107,13 @@ class Server:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
 
-    async def _serve(self, pool: Pool, front: Front) -> int:
+    async def _serve(self, pool: Supervisor, front: Front) -> int:
         loop = asyncio.get_running_loop()
+        self.supervisor = pool
+        control = ControlServer(pool, self.config.root, self.run_dir)
+        await control.start()
+        watching = loop.create_task(watch_restart_file(self.config.root, pool,
+                                                       self.config.config_file))
         starting = loop.create_task(pool.start())
         stop = loop.create_task(self.stop_requested.wait())
         await asyncio.wait({starting, stop, pool.fatal}, return_when=asyncio.FIRST_COMPLETED)
@@ -78,15 +121,20 @@ class Server:
             pass  # reported below
         elif starting.done() and pool.state == "ready":
             log.info("ready: serving %s at %s", self.config.root, ", ".join(front.addresses))
+            self.notify.send("READY=1", f"STATUS=serving at {', '.join(front.addresses)}")
         elif starting.done():
             log.error("ready, but %s answers 503: %s", self.config.name, pool.failure)
+            self.notify.send("READY=1", f"STATUS=answering 503: {pool.failure}")
         await asyncio.wait({stop, pool.fatal}, return_when=asyncio.FIRST_COMPLETED)
+        self.notify.send("STOPPING=1", "STATUS=stopping: in-flight requests finish")
         status = 0
         if pool.fatal.done():
             log.error("%s", pool.fatal.result())
             status = EXIT_CONFIG
             starting.cancel()  # a deploy step still running is stopped
         front.close_listeners()
+        control.close()
+        watching.cancel()
         await front.drain(self.config.server["graceful_timeout"])
         starting.cancel()
         stop.cancel()

@@ -28,6 +28,7 @@ from corral.fastcgi import AbortRequest, BeginRequest, Params, Stdin
 # Exit statuses the supervisor understands (anything else is a crash).
 EXIT_OK = 0
 EXIT_APP_LOAD_ERROR = 4
+EXIT_REQUEST_TIMEOUT = 5  # stopped by the supervisor for [app] request_timeout
 
 SPOOL_THRESHOLD = 1 << 20  # request bodies above this go to a temporary file
 RECV_SIZE = 1 << 16
@@ -330,6 +331,27 @@ class Worker:
         if not self.busy:
             raise SystemExit(EXIT_OK)
 
+    # SIGUSR1: the supervisor found the request in flight over [app]
+    # request_timeout and has answered the client 504 already.  Say where the
+    # app is stuck (the operator's only clue), then leave; SIGKILL follows if
+    # raising here does not end us (an app that swallows SystemExit).
+    def handle_timeout(self, signum, frame) -> None:
+        environ = None
+        here = frame
+        while here is not None:  # the request is a local of call_app, up the stack
+            if here.f_code is Worker.call_app.__code__:
+                environ = here.f_locals.get("environ")
+                break
+            here = here.f_back
+        stack = traceback.extract_stack(frame)
+        if here is not None:  # from the app's first frame: ours above it say nothing
+            depth = len(traceback.extract_stack(here))
+            stack = stack[depth:] or stack
+        stack = "".join(traceback.format_list(stack)).rstrip()
+        log(f"request timeout: stopping {request_line(environ)}; the app was here "
+            f"(most recent call last):\n{stack}")
+        raise SystemExit(EXIT_REQUEST_TIMEOUT)
+
     def serve_forever(self, listener: socket.socket) -> None:
         """Serve every connection the web server opens, one request at a time.
 
@@ -554,7 +576,7 @@ def make_listener(bind: str | None) -> socket.socket:
         host, _, port = bind.rpartition(":")
         sock = socket.create_server((host.strip("[]") or "127.0.0.1", int(port)),
                                     family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.listen(128)
+    sock.listen(socket.SOMAXCONN)  # a web server may open many connections at once
     return sock
 
 
@@ -589,6 +611,7 @@ def main(argv=None) -> int:
     listener = make_listener(args.bind)
     worker = Worker(app, args.mount)
     signal.signal(signal.SIGTERM, worker.handle_sigterm)
+    signal.signal(signal.SIGUSR1, worker.handle_timeout)
     if args.bind:
         # Last, as the readiness line: a SIGTERM sent as soon as it is seen
         # must find our handler, not the default action.

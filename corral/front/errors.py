@@ -60,3 +60,9 @@ class GatewayError(HTTPError):
     """The worker failed the request: 502, or 504 when it ran out of time."""
 
     status = 502
+
+
+class GatewayTimeout(GatewayError):
+    """The request ran over [app] request_timeout; the worker was stopped."""
+
+    status = 504

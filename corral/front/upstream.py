@@ -218,6 +218,7 @@ class Link(asyncio.Protocol):
         self.handler = handler
         self.answered = False
         self.sent_at = time.monotonic()
+        self.worker.request_started(self)  # arms [app] request_timeout
         head = ServerConnection.begin_request(REQUEST_ID, params)
         if isinstance(body, (bytes, bytearray)):
             if body:
