@@ -187,6 +187,8 @@ def units(config: AppConfig, user: str, corral: list[str],
         f"User={user}",
         f"WorkingDirectory={_escape(str(config.root))}",
         "ExecStart=" + " ".join(_word(a) for a in [*corral, "serve", str(config.root)]),
+        # `systemctl reload`: a new generation beside the old one, nothing lost.
+        "ExecReload=/bin/kill -HUP $MAINPID",
         *([f"RuntimeDirectory={' '.join(runtime)}", "RuntimeDirectoryPreserve=yes"]
           if runtime else []),
         *([f"Sockets={requires}"] if len(socket_units) > 1 else []),

@@ -86,6 +86,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     assert names == ["corral-cases-fastcgi.socket", "corral-cases.service",
                      "corral-cases.socket"]
     service = (out / "corral-cases.service").read_text()
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in service  # reload: a new generation
     exec_start = re.search(r"^ExecStart=(\S+) serve (\S+)$", service, re.M)
     assert exec_start and Path(exec_start.group(1)).is_absolute()
     assert os.access(exec_start.group(1), os.X_OK) and exec_start.group(2) == str(app)
