@@ -203,6 +203,11 @@ def cmd_status(args) -> int:
     return 0
 
 
+def add_app_path(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", nargs="?", default=".", metavar="PATH",
+                        help="the app folder (default: the current folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="corral", description="A production application server for Python web apps.")
@@ -212,8 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the app in PATH",
                                 description="Serve the app in PATH (its corral.toml, "
                                 "or a Django project found there).")
-    serve.add_argument("path", nargs="?", default=".", metavar="PATH",
-                       help="the app folder (default: the current folder)")
+    add_app_path(serve)
     bind = BY_NAME[("server", "bind")]
     serve.add_argument(bind.cli, metavar="ADDRESS", action="append", help=bind.help)
     serve.add_argument("--log-level", default="INFO",
@@ -225,8 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "nginx-config", help="print an nginx configuration for the app in PATH",
         description="Print an nginx upstream and server block for the app in PATH: "
         "static mappings served by nginx, the rest passed to corral over FastCGI.")
-    nginx.add_argument("path", nargs="?", default=".", metavar="PATH",
-                       help="the app folder (default: the current folder)")
+    add_app_path(nginx)
     nginx.add_argument("--listen", default="80",
                        help="nginx's listen directive (default 80)")
     nginx.add_argument("--server-name", default="_", help="nginx's server_name (default _)")
@@ -271,8 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a systemd service unit (Type=notify) that serves the app in "
         "PATH, and with --socket a socket unit from the app's [server] bind, for "
         "socket activation.")
-    unit.add_argument("path", nargs="?", default=".", metavar="PATH",
-                      help="the app folder (default: the current folder)")
+    add_app_path(unit)
     unit.add_argument("--user", help="the user the service runs as (default: the owner "
                       "of the app folder)")
     unit.add_argument("--socket", action="store_true",
@@ -289,8 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         "restart: a new generation of workers and its deploy step; the old one serves "
         "until the new one is ready. Exits 1 if the new generation cannot serve (the "
         "old one keeps serving). Same as SIGHUP or touching PATH/tmp/restart.txt.")
-    restart.add_argument("path", nargs="?", default=".", metavar="PATH",
-                         help="the app folder (default: the current folder)")
+    add_app_path(restart)
     restart.set_defaults(func=cmd_restart)
 
     status = commands.add_parser(
@@ -298,8 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show the app's state, generation, workers (pid, state, requests "
         "served, memory, age), the last deploy step and recent restarts, from the "
         "corral serving PATH.")
-    status.add_argument("path", nargs="?", default=".", metavar="PATH",
-                        help="the app folder (default: the current folder)")
+    add_app_path(status)
     status.add_argument("--json", action="store_true", help="print it as JSON")
     status.set_defaults(func=cmd_status)
     return parser

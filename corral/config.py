@@ -79,6 +79,7 @@ class DeployStep:
     log: Path
     timeout: float
     hold: float
+    exclusive: bool = False  # the old generation stops first; the step runs alone
 
 
 @dataclass
@@ -116,6 +117,7 @@ class AppConfig:
     deploy: DeployStep
     static: list[tuple[str, Path]]
     server: dict[str, object] = field(default_factory=dict)
+    app: dict[str, object] = field(default_factory=dict)  # every [app] key, checked
     engine: Engine = field(default_factory=Engine)
     docroot: Path | None = None  # [app] root, resolved: where scripts are found
     index: str = "index.php"
@@ -450,7 +452,8 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
         argv = [python, "manage.py", "migrate", "--noinput"]
     deploy = DeployStep(argv=argv,
                         log=root / (env.get("DEPLOY_LOG") or get("deploy", "log")),
-                        timeout=get("deploy", "timeout"), hold=get("deploy", "hold"))
+                        timeout=get("deploy", "timeout"), hold=get("deploy", "hold"),
+                        exclusive=get("deploy", "exclusive"))
 
     # 6. Static mappings: every folder must exist and stay a folder.
     static = []
@@ -487,4 +490,5 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
         queue=get("app", "queue"), queue_timeout=get("app", "queue_timeout"),
         boot_timeout=get("app", "boot_timeout"), python=python,
         env=env, deploy=deploy, static=static, server=server,
+        app={key: get("app", key) for (section, key) in BY_NAME if section == "app"},
         engine=engine, docroot=docroot, index=index)

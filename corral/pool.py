@@ -35,7 +35,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,6 @@ from corral.config import AppConfig
 from corral.deploy import DeployResult, run_deploy
 from corral.front.errors import GatewayError, GatewayTimeout, Unavailable
 from corral.front.upstream import Link
-from corral.settings import BY_NAME
 from corral.worker import EXIT_APP_LOAD_ERROR
 
 log = logging.getLogger("corral.error")
@@ -82,27 +80,9 @@ class Limits:
     max_lifetime: float = 0.0
 
 
-def read_keys(config: AppConfig, section: str, keys: tuple[str, ...]) -> dict:
-    """The values of `keys` of `section` in `config`, with their defaults.
-
-    AppConfig does not carry the keys of restarts, recycling and timeouts
-    yet (corral.config is not this module's to change), so they are read
-    again from the config file, which corral.config.load has already checked
-    against corral.settings: kinds and minimums are known good.
-    """
-    table: dict = {}
-    if config.config_file is not None:
-        try:
-            with open(config.config_file, "rb") as f:
-                table = tomllib.load(f).get(section, {})
-        except (OSError, tomllib.TOMLDecodeError):
-            table = {}
-    return {key: table.get(key, BY_NAME[(section, key)].default) for key in keys}
-
-
 def read_limits(config: AppConfig) -> Limits:
     """The [app] limits of `config`."""
-    return Limits(**read_keys(config, "app", LIMIT_KEYS))
+    return Limits(**{key: config.app[key] for key in LIMIT_KEYS})
 
 
 def read_rss(pid: int) -> int | None:
@@ -255,7 +235,7 @@ class Pool:
         self.generation = generation
         self.limits = read_limits(config)
         # [deploy] exclusive: the deploy step runs alone, before any worker.
-        self.exclusive = read_keys(config, "deploy", ("exclusive",))["exclusive"]
+        self.exclusive = config.deploy.exclusive
         self.crash_looping = False  # marked failed because its workers keep dying
         # starting, deploying, ready, failed; then retiring (an old
         # generation finishing its requests) or stopping
