@@ -123,13 +123,15 @@ class StandaloneWorkers:
     """Two `python -m corral.worker` processes on sockets of their own, as a
     user who supervises workers without corral's pool would run them."""
 
-    def __init__(self, folder, mount: str = "") -> None:
+    def __init__(self, folder, mount: str = "", app: str = "cases:application",
+                 count: int = 2) -> None:
         self.procs, self.sockets = [], []
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{APPS / 'cases'}"}
-        for i in range(2):
+        env = {**os.environ,
+               "PYTHONPATH": os.pathsep.join([str(ROOT), str(APPS / "cases"), str(APPS)])}
+        for i in range(count):
             path = folder / f"worker{i}.sock"
             proc = subprocess.Popen(
-                [sys.executable, "-m", "corral.worker", "cases:application",
+                [sys.executable, "-m", "corral.worker", app,
                  "--bind", f"unix:{path}", "--mount", mount], cwd=APPS / "cases",
                 stderr=subprocess.PIPE, text=True, env=env)
             assert "listening on" in proc.stderr.readline()  # its readiness line
@@ -374,3 +376,62 @@ def test_big_cookie_through_nginx_reaches_the_app(nginx_in_front):  # K19
     cookie = "k=" + "c" * 6 * 1024
     status, _, body, _ = get(nginx_in_front, b"/echo", f"Cookie: {cookie}\r\n".encode())
     assert status == 200 and json.loads(body)["HTTP_COOKIE"] == cookie
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The sockets process `pid` holds open, as "socket:[inode]" names."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            found.add(target)
+    return found
+
+
+def test_nginx_keeps_its_connections_to_standalone_workers(tmp_path):  # K16
+    workers = StandaloneWorkers(tmp_path)
+    app = cases_app(tmp_path)
+    upstreams = [arg for path in workers.sockets for arg in ("--upstream", f"unix:{path}")]
+    nginx = Nginx(tmp_path, nginx_config(app, "--listen", f"unix:{tmp_path / 'nginx.sock'}",
+                                         *upstreams))
+    try:
+        for _ in range(4):  # each worker has been reached at least once
+            assert get(nginx, b"/pid")[0] == 200
+        before = {pid: socket_inodes(pid) for pid in workers.pids}
+        # Each holds its listening socket and at least one kept connection.
+        assert all(len(sockets) >= 2 for sockets in before.values()), before
+        for _ in range(20):
+            assert get(nginx, b"/pid")[0] == 200
+        after = {pid: socket_inodes(pid) for pid in workers.pids}
+        # The same sockets: nginx sent the 20 requests on the connections it kept.
+        assert after == before
+    finally:
+        nginx.stop()
+        workers.stop()
+
+
+def test_client_gone_frees_a_standalone_worker(tmp_path):  # K17, straight to the worker
+    workers = StandaloneWorkers(tmp_path, app="drip:application", count=1)
+    app = cases_app(tmp_path)
+    nginx = Nginx(tmp_path, nginx_config(app, "--listen", f"unix:{tmp_path / 'nginx.sock'}",
+                                         "--upstream", f"unix:{workers.sockets[0]}"))
+    mark = tmp_path / "closed.txt"
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(str(nginx.sock))
+            s.sendall(b"GET /drip?count=100&delay=0.1&mark=%s HTTP/1.1\r\nHost: a\r\n\r\n"
+                      % str(mark).encode())
+            assert b"chunk 0" in s.recv(65536)  # the response has begun; then we leave
+        # The whole response would take 10 s; the worker stops long before,
+        # calls close() (which leaves the mark) and serves the next request.
+        status, _, body, _ = get(nginx, b"/pid")
+        assert status == 200 and int(body) == workers.procs[0].pid
+        made = int(mark.read_text().split()[2])
+        assert made < 60, mark.read_text()
+    finally:
+        nginx.stop()
+        workers.stop()
