@@ -480,6 +480,10 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
     except ValueError as exc:
         raise ConfigError(source, "[server] bind", str(exc),
                           f"use {Bind.FORMS}, e.g. \"127.0.0.1:8000\"") from None
+    if not re.fullmatch(r"0?[0-7]{3}", server["socket_mode"]):
+        raise ConfigError(source, "[server] socket_mode",
+                          f"{server['socket_mode']!r} is not an octal mode",
+                          'write it as a string of octal digits, e.g. "0660"')
     server["tls"] = _tls_context(server, root, source)
     proxies = server["trusted_proxies"]
     server["trusted_proxies"] = frozenset([proxies] if isinstance(proxies, str) else proxies)

@@ -9,6 +9,7 @@ import keyword
 import os
 import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -244,7 +245,8 @@ def create(template_name: str, target: Path | str, force: bool = False,
     shown = os.path.relpath(target)
     if shown.startswith(".."):
         shown = str(target)
-    project.say(f"Serve it with:\n    corral serve {shown}\nthen open {url_of(target)}")
+    project.say(f"Serve it with:\n    corral serve {shlex.quote(shown)}\n"
+                f"then open {url_of(target)}")
     return 0
 
 

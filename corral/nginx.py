@@ -79,9 +79,11 @@ def render(config: AppConfig, listen: str = "80", server_name: str = "_",
         f"    listen {listen};",
         f"    server_name {server_name};",
         "",
-        "    # corral's limits, so nginx refuses first what corral would refuse.",
+        "    # corral's limits: nginx refuses no request that corral would serve.",
         f"    client_max_body_size {limits['max_body']};",
-        f"    large_client_header_buffers 4 {max(8, limits['max_url'] // 1024)}k;",
+        # Per line, up to corral's whole-head limit: nginx is never stricter,
+        # and corral answers a head over max_header with its own 431.
+        f"    large_client_header_buffers 4 {max(8, limits['max_header'] // 1024)}k;",
         f"    client_header_timeout {limits['header_timeout']:g}s;",
         f"    client_body_timeout {limits['body_timeout']:g}s;",
         f"    keepalive_timeout {limits['keepalive_timeout']:g}s;",
@@ -91,6 +93,9 @@ def render(config: AppConfig, listen: str = "80", server_name: str = "_",
         out += [
             f"    location {prefix} {{  # static mapping: nginx sends these files itself",
             f"        alias {folder}/;",
+            # No symlinks at all: stricter than corral's front, which follows
+        # those that stay inside the folder.
+        "        disable_symlinks on;",
             "        location ~ /\\. { return 404; }  # never dotfiles",
             "        expires 1h;",
             "    }",

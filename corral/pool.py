@@ -831,10 +831,14 @@ class Pool:
             link.transport.close()  # link_lost() reconnects
             return
         sig = STACK_SIGNAL if self.engine.builtin else signal.SIGTERM
+        # Once the head is out, a 504 cannot be sent: the client's connection
+        # is cut instead, so the truncated body never looks whole.
+        started = link.answered
         log.critical("worker pid %s timed out: %s ran over [app] request_timeout = %g s; "
-                     "answering 504, sending %s%s, SIGKILL in %g s", worker.pid, what,
-                     timeout, sig.name, " (it logs the app's stack)" if self.engine.builtin
-                     else "", grace)
+                     "%s, sending %s%s, SIGKILL in %g s", worker.pid, what, timeout,
+                     "its response had begun: cutting the client's connection" if started
+                     else "answering 504", sig.name,
+                     " (it logs the app's stack)" if self.engine.builtin else "", grace)
         handler.upstream_failed(error)
         worker.leaving = "its request timed out"
         worker.state = "retiring"

@@ -54,8 +54,8 @@ class Server:
         config = load(self.config.root)
         use_app_python(config.env, config.python, self.run_dir)
         if (config.static != self.config.static or config.mount != self.config.mount
-                or {k: v for k, v in config.server.items() if k not in ("tls", "bind")}
-                != {k: v for k, v in self.config.server.items() if k not in ("tls", "bind")}):
+                or {k: v for k, v in config.server.items() if k != "tls"}
+                != {k: v for k, v in self.config.server.items() if k != "tls"}):
             log.warning("%s: changes to [server], [static] and [app] mount take effect "
                         "at the next start, not at a restart", config.source)
         config.server, config.static, config.mount = (

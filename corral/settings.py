@@ -167,6 +167,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "access_log", "str", "-",
             "Where the access log (Apache combined format) goes: a file, `-` for "
             "standard error, or an empty string for none."),
+    Setting("server", "socket_mode", "str", "0660",
+            "Permissions of the unix sockets corral listens on (octal). 0660 lets "
+            "the socket's group in: put the web server's user (e.g. www-data) in that "
+            "group, or set `socket_group`; 0666 lets every local user connect."),
+    Setting("server", "socket_group", "str", None,
+            "Group the unix sockets corral listens on are given (e.g. `www-data`, "
+            "so nginx can connect to a FastCGI listener); corral must be a member."),
     Setting("server", "access_log_format", "choice", "combined",
             "`combined` (Apache's) or `json`: one object a line with time, remote_addr, "
             "request_id, method, target, protocol, status, bytes, referer, user_agent, "
@@ -176,7 +183,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest request body in bytes; larger ones get 413.", minimum=0),
     Setting("server", "max_header", "int", 64 * 1024,
             "Largest request head (request line and header fields) in bytes; "
-            "larger ones get 431.", minimum=1024),
+            "larger ones get 431, as do heads of more than 200 fields.", minimum=1024),
     Setting("server", "max_url", "int", 8 * 1024,
             "Longest request target in bytes; longer ones get 414.", minimum=256),
     Setting("server", "header_timeout", "float", 20.0,

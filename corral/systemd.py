@@ -103,13 +103,13 @@ def unit_name(config: AppConfig) -> str:
 
 
 def _escape(value: str) -> str:
-    """A value with systemd's specifier (%) and variable ($) signs made literal."""
-    return value.replace("%", "%%").replace("$", "$$")
+    """A value with systemd's specifier signs (%) made literal."""
+    return value.replace("%", "%%")
 
 
 def _word(arg: str) -> str:
     """One ExecStart argument, quoted the way systemd splits command lines."""
-    arg = _escape(arg)
+    arg = _escape(arg).replace("$", "$$")  # Exec lines also expand $VARIABLES
     if arg and not re.search(r'[\s"\'\\;]', arg):
         return arg
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -191,6 +191,7 @@ def test_unix_socket_of_the_front_is_removed_on_stop_and_never_stolen(tmp_path):
     server = ServerProcess(app, bind=f"unix:{path}")
     server.wait_for(r"INFO ready: ")
     assert path.exists()
+    assert path.stat().st_mode & 0o777 == 0o660  # [server] socket_mode: the group may connect
     # A second server on the same, live socket is refused, not let steal it.
     second = ServerProcess(app, bind=f"unix:{path}")
     assert second.proc.wait(60) == 2

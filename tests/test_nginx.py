@@ -188,6 +188,11 @@ def test_static_files_are_served_by_nginx(through_listener):
     calls = (through_listener.folder / "cases" / "calls.log")
     assert not calls.exists() or "/files/hello.txt" not in calls.read_text()
     assert get(through_listener, b"/corral.toml")[0] == 404
+    public = through_listener.folder / "cases" / "public"
+    if not (public / "passwd").exists():
+        (public / "passwd").symlink_to("/etc/passwd")
+    # Refused, as corral's front refuses it (nginx says 403 where corral says 404).
+    assert get(through_listener, b"/files/passwd")[0] in (403, 404)
 
 
 def test_post_of_5_mb_arrives_whole(nginx_in_front):

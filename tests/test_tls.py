@@ -7,6 +7,7 @@ import json
 import socket
 import ssl
 import subprocess
+import time
 
 import pytest
 
@@ -29,7 +30,8 @@ def https_server(tmp_path_factory):
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-subj", "/CN=localhost", "-keyout", str(tmp / "key.pem"),
                     "-out", str(tmp / "cert.pem")], check=True, capture_output=True)
-    app = cases_app(tmp, f'certificate = "{tmp / "cert.pem"}"\nkey = "{tmp / "key.pem"}"')
+    app = cases_app(tmp, f'certificate = "{tmp / "cert.pem"}"\nkey = "{tmp / "key.pem"}"\n'
+                    "header_timeout = 2")
     server = ServerProcess(app)
     line = server.wait_for(r"listening on https://")
     server.port = int(line.rsplit(":", 1)[1])
@@ -65,6 +67,13 @@ def test_https_large_static_file_is_not_sent_with_sendfile(https_server):
     (status, _, body, _), _ = tls_request(
         https_server, b"GET /files/big.bin HTTP/1.1\r\nHost: a\r\n\r\n")
     assert status == 200 and body == data
+
+
+def test_a_silent_tls_client_is_dropped_at_the_header_timeout(https_server):
+    with socket.create_connection(("127.0.0.1", https_server.port), timeout=20) as sock:
+        started = time.monotonic()
+        assert sock.recv(100) == b""  # no handshake: closed, as a silent HTTP client is
+        assert time.monotonic() - started < 10
 
 
 def test_plain_http_to_the_https_port_is_refused(https_server):

@@ -118,6 +118,20 @@ def _text(value: bytes | None) -> str | None:
     return value.decode("latin-1") if value is not None else None
 
 
+def set_socket_access(path: str, mode: str, group: str | None) -> None:
+    """Give a unix socket of ours the mode (and group) [server] asks for: a
+    web server in front, running as another user, must be able to connect."""
+    if group:
+        import grp
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise OSError(errno.EINVAL, f"[server] socket_group: no group {group!r}",
+                          path) from None
+        os.chown(path, -1, gid)
+    os.chmod(path, int(mode, 8))
+
+
 def remove_stale_socket(path: str) -> None:
     """Remove a unix socket left by a run that ended without cleaning up;
     one that something still listens on is in use (OSError)."""
@@ -167,10 +181,12 @@ class Acceptor:
     in the backlog, and the error log says so once per shortage.
     """
 
-    def __init__(self, sock: socket.socket, factory, tls) -> None:
+    def __init__(self, sock: socket.socket, factory, tls, handshake_timeout: float) -> None:
         self.sock = sock
         self.factory = factory
         self.tls = tls
+        # A TLS handshake is part of the request head: the same time limit.
+        self.handshake_timeout = handshake_timeout if tls else None
         self.loop = asyncio.get_running_loop()
         self.short_since = 0.0  # when accept() last ran short, 0 when it does not
         self.refused = 0
@@ -206,7 +222,8 @@ class Acceptor:
 
     async def connect(self, conn: socket.socket) -> None:
         try:
-            await self.loop.connect_accepted_socket(self.factory, conn, ssl=self.tls)
+            await self.loop.connect_accepted_socket(
+                self.factory, conn, ssl=self.tls, ssl_handshake_timeout=self.handshake_timeout)
         except (OSError, ssl.SSLError) as exc:
             log.debug("connection dropped before it started: %s", exc)
             conn.close()
@@ -260,6 +277,8 @@ class Front:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.bind(bind.path)
+                set_socket_access(bind.path, self.limits["socket_mode"],
+                                  self.limits["socket_group"])
             except OSError:
                 sock.close()
                 raise
@@ -288,7 +307,7 @@ class Front:
             factory = lambda: FastCGIListenerConnection(self)  # noqa: E731
         else:
             factory = lambda: HttpConnection(self)  # noqa: E731
-        self.servers.append(Acceptor(sock, factory, tls))
+        self.servers.append(Acceptor(sock, factory, tls, self.limits["header_timeout"]))
         scheme = "fastcgi+" if protocol == "fastcgi" else ""
         name = sock.getsockname()
         if isinstance(name, tuple):
@@ -432,7 +451,8 @@ class Front:
 
     def log_access(self, conn: HttpConnection, request: Request) -> None:
         self.access.write(conn, request)
-        if request.status >= 500 and request.status != 503:
+        # 501 and 505 are the client's doing, 503 is logged where it is decided.
+        if request.status >= 500 and request.status not in (501, 503, 505):
             log.error("%s for %s %s (worker pid %s): %s", request.status,
                       request.method.decode("latin-1"), request.target.decode("latin-1"),
                       request.worker_pid or "-", request.error or "the app answered so")
