@@ -210,6 +210,19 @@ def request(port: int, raw: bytes, timeout: float = 10.0) -> tuple[int, dict, by
         return read_response(sock)
 
 
+def read_to_close(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes (or resets) the connection."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
 def is_closed(sock: socket.socket, timeout: float = 5.0) -> bool:
     """True if the peer closes `sock` (EOF or reset) within `timeout`."""
     sock.settimeout(timeout)

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from tests.harness import connect, is_closed, read_response, request
+from tests.harness import connect, is_closed, read_response, read_to_close, request
 
 
 def calls(server) -> list[str]:
@@ -191,15 +191,7 @@ def test_exc_info_before_body_gives_the_apps_500(cases_server):  # K14
 def test_exc_info_after_body_aborts_the_connection(cases_server):  # K14 variant
     with connect(cases_server.port) as sock:
         sock.sendall(b"GET /exc-info?late HTTP/1.1\r\nHost: a\r\n\r\n")
-        data = b""
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            data += chunk
+        data = read_to_close(sock)
     assert data.count(b"HTTP/1.1 ") == 1
     assert data.startswith(b"HTTP/1.1 200 ")
     assert not data.endswith(b"0\r\n\r\n")  # never made to look complete

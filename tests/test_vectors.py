@@ -22,7 +22,7 @@ from urllib.parse import unquote_to_bytes
 import pytest
 
 from tests.conftest import cases_config
-from tests.harness import APPS, ROOT, ServerProcess, connect, copy_app
+from tests.harness import APPS, ROOT, ServerProcess, connect, copy_app, read_to_close
 
 # A copy of the peer's corpus (MIT, its LICENSE and NOTICE beside it; SOURCE.md
 # says where it came from and how its manifest was made).
@@ -168,15 +168,7 @@ def exchange(port: int, pieces: list[bytes], pause: list[float] | None = None,
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # refused part-way and closed: what it answered is still to be read
-        data = b""
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            data += chunk
+        data = read_to_close(sock)
     return data
 
 

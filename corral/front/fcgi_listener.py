@@ -17,13 +17,10 @@ import tempfile
 from corral import fastcgi
 from corral.fastcgi import AbortRequest, BeginRequest, Params, Stdin
 from corral.front.errors import GatewayError, HTTPError
-from corral.front.http import SPOOL_THRESHOLD, WRITE_HIGH_WATER
+from corral.front.http import RETRYABLE, SPOOL_THRESHOLD, WRITE_HIGH_WATER
 
 log = logging.getLogger("corral.error")
 
-# Repeating these changes nothing (RFC 9110 9.2.2), so a request whose worker
-# died before answering may go to another one.
-_RETRYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS"))
 # What GET_VALUES learns of us: many connections, one request on each at a
 # time (requests queue in the pool, not on the web server's connection).
 LISTENER_VALUES = {b"FCGI_MAX_CONNS": b"4096", b"FCGI_MAX_REQS": b"4096",
@@ -235,7 +232,7 @@ class Exchange:
     def upstream_retry(self, error: GatewayError) -> None:
         if self.lost:
             return
-        if self.param(b"REQUEST_METHOD") not in _RETRYABLE or self.retried:
+        if self.param(b"REQUEST_METHOD") not in RETRYABLE or self.retried:
             self.upstream_failed(error)
             return
         self.retried = True

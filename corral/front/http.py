@@ -46,7 +46,7 @@ LINGER_BYTES = 1 << 20
 _NO_BODY_STATUS = frozenset((204, 304))
 # Methods that may be sent to a second worker when the first died before
 # answering anything (RFC 9110 9.2.2: repeating them changes nothing).
-_RETRYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS"))
+RETRYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS"))
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding",
                          b"te", b"trailer", b"upgrade", b"proxy-connection"))
 # Fields that frame, route or qualify a request must come before the body
@@ -675,7 +675,7 @@ class HttpConnection(asyncio.Protocol):
         request = self.current
         if self.lost or request is None:
             return
-        if request.method not in _RETRYABLE or request.retried:
+        if request.method not in RETRYABLE or request.retried:
             self.upstream_failed(error)
             return
         request.retried = True
