@@ -291,6 +291,9 @@ def base_env(paths: list[Path]) -> dict[str, str]:
            and key not in ("DJANGO_SETTINGS_MODULE", "DEPLOY_FILE", "DEPLOY_LOG")}
     inherited = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
     env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), *inherited])
+    # The bench's copies of the apps belong to whoever runs it, root too:
+    # corral serve would refuse to run their workers as root otherwise.
+    env["CORRAL_ALLOW_ROOT"] = "1"
     return env
 
 

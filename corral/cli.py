@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from corral import __version__
-from corral.config import Bind, ConfigError, load
+from corral.config import Bind, ConfigError, load, resolve_user
 from corral.settings import BY_NAME
 
 
@@ -64,15 +64,26 @@ def cmd_serve(args) -> int:
             print(f"corral: --bind: {exc}", file=sys.stderr)
             return 2
         overrides[("server", "bind")] = args.bind
+    allow_root = getattr(args, "allow_root", False) or os.environ.get(
+        "CORRAL_ALLOW_ROOT", "") not in ("", "0")
     try:
         config = load(args.path, overrides)
+        config.run_as = resolve_user(config, allow_root)
     except ConfigError as exc:
         print(f"corral: config error: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_level)
+    log = logging.getLogger("corral.error")
+    if config.run_as is not None:
+        log.info("workers and the deploy step run as user %s, group %s",
+                 config.run_as.user, config.run_as.group)
+    elif os.geteuid() == 0:
+        log.warning("the workers and the deploy step of %s run as root (allowed by "
+                    "--allow-root or CORRAL_ALLOW_ROOT): the app can do anything on "
+                    "this machine; set [app] user instead", config.name)
     limit = raise_open_file_limit()
-    logging.getLogger("corral.error").info("open-file limit: %d", limit)
-    return run(Server(config).run())
+    log.info("open-file limit: %d", limit)
+    return run(Server(config, allow_root).run())
 
 
 def cmd_nginx_config(args) -> int:
@@ -184,23 +195,43 @@ def cmd_status(args) -> int:
     print(f"app {status['app']} ({status['root']}): {state}")
     extra = [f"generation {status['starting']} starting"] if status["starting"] else []
     extra += [f"generation {g} finishing its requests" for g in status["retiring"]]
-    print(f"generation {status['generation']}" + "".join(f"; {e}" for e in extra)
-          + f"; {status['queue']} requests waiting")
+    print(f"generation {status['generation']}" + "".join(f"; {e}" for e in extra))
+    count = status.get("processes")
+    if count:
+        span = (f"{count['min']}-{count['max']}" if count["min"] != count["max"]
+                else str(count["max"]))
+        preloader = f", preloader pid {count['preloader']}" if count["preloader"] else ""
+        print(f"processes: {count['now']} running of {span} ({count['spawn_mode']}"
+              f"{preloader})")
     print(f"{'pid':>8} {'gen':>4} {'state':<9} {'requests':>8} {'rss MiB':>8} {'age s':>8}")
     for w in status["workers"]:
         rss = "-" if w["rss_mib"] is None else f"{w['rss_mib']:.1f}"
         note = f"  leaving: {w['leaving']}" if w["leaving"] else ""
         print(f"{w['pid']:>8} {w['generation']:>4} {w['state']:<9} {w['requests']:>8} "
               f"{rss:>8} {w['age']:>8.0f}{note}")
+    print(f"queue: {status['queue']} waiting, the oldest for "
+          f"{status.get('queue_oldest_wait', 0):.1f} s")
+    if status.get("user"):
+        print(f"workers run as {status['user']}")
     deploy = status["last_deploy"]
     if deploy:
         print(f"last deploy step: generation {deploy['generation']}, "
-              f"{'ok' if deploy['ok'] else 'FAILED'} ({deploy['result']}), log {deploy['log']}")
+              f"{'ok' if deploy['ok'] else 'FAILED'} ({deploy['result']}) at "
+              f"{_when(deploy['at'])}, log {deploy['log']}")
     else:
         print("last deploy step: none configured")
-    for r in status["restarts"][-3:]:
-        print(f"restart ({r['cause']}): {'ok' if r['ok'] else 'FAILED'}: {r['message']}")
+    restarts = status["restarts"]
+    print(f"recent restarts: {len(restarts) or 'none'}")
+    for r in restarts:
+        took = f" in {r['seconds']:.1f} s" if r.get("seconds") is not None else ""
+        print(f"  {_when(r['at'])} ({r['cause']}): {'ok' if r['ok'] else 'FAILED'}{took}: "
+              f"{r['message']}")
     return 0
+
+
+def _when(stamp: float) -> str:
+    import time
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
 
 
 def add_app_path(parser: argparse.ArgumentParser) -> None:
@@ -220,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_app_path(serve)
     bind = BY_NAME[("server", "bind")]
     serve.add_argument(bind.cli, metavar="ADDRESS", action="append", help=bind.help)
+    serve.add_argument("--allow-root", action="store_true",
+                       help="let the workers and the deploy step run as root when [app] "
+                       "user is unset and the app folder is root's, or is root "
+                       "(also CORRAL_ALLOW_ROOT=1); without it corral refuses")
     serve.add_argument("--log-level", default="INFO",
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                        help="error-log level (default INFO)")

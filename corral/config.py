@@ -107,7 +107,7 @@ class AppConfig:
     root: Path
     config_file: Path | None
     wsgi: str
-    processes: int
+    processes: int  # the most workers: [app] processes, or the MAX of its range
     mount: str
     queue: int
     queue_timeout: float
@@ -121,6 +121,9 @@ class AppConfig:
     engine: Engine = field(default_factory=Engine)
     docroot: Path | None = None  # [app] root, resolved: where scripts are found
     index: str = "index.php"
+    # [app] processes is the range min_processes..processes (equal when fixed).
+    min_processes: int = 1
+    run_as: RunAs | None = None  # set by `corral serve` (resolve_user): None, no switch
 
     @property
     def name(self) -> str:
@@ -136,6 +139,8 @@ def _check(setting: Setting, value, file: Path, where: str | None = None):
     """`value` converted to the setting's kind, or ConfigError naming `where`
     (default: the setting's own name)."""
     kind = setting.kind
+    if kind == "processes":
+        return _processes(value, file, where or setting.name)
     ok = {
         "str": isinstance(value, str),
         "int": isinstance(value, int) and not isinstance(value, bool),
@@ -147,6 +152,7 @@ def _check(setting: Setting, value, file: Path, where: str | None = None):
             isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)),
         "choice": value in setting.choices,
         "table": isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
+        "globs": isinstance(value, list) and all(isinstance(v, str) and v for v in value),
     }[kind]
     if not ok:
         wanted = {"str": "a string", "int": "an integer", "float": "a number",
@@ -154,13 +160,38 @@ def _check(setting: Setting, value, file: Path, where: str | None = None):
                   "command": "a non-empty list of strings",
                   "addresses": "an address or a list of addresses",
                   "choice": "one of " + ", ".join(f'"{c}"' for c in setting.choices),
-                  "table": 'a table of strings, e.g. { NAME = "value" }'}[kind]
+                  "table": 'a table of strings, e.g. { NAME = "value" }',
+                  "globs": 'a list of globs, e.g. ["**/*.py"]'}[kind]
         raise ConfigError(file, where or setting.name, f"expected {wanted}, got {value!r}",
                           f"set {setting.key} to {wanted} ({setting.help})")
     if setting.minimum is not None and value < setting.minimum:
         raise ConfigError(file, where or setting.name, f"{value!r} is below {setting.minimum:g}",
                           f"use a value of at least {setting.minimum:g}")
     return float(value) if kind == "float" else value
+
+
+def _processes(value, file: Path, where: str) -> tuple[int, int]:
+    """[app] processes as (MIN, MAX): a number N is (N, N)."""
+    if isinstance(value, tuple):
+        return value  # checked already
+    fix = 'write a number of workers (e.g. 4) or a range "MIN-MAX" (e.g. "0-4", "2-8")'
+    if isinstance(value, int) and not isinstance(value, bool):
+        low = high = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+\s*(-\s*\d+\s*)?", value):
+        first, _, second = value.partition("-")
+        low = int(first)
+        high = int(second) if second else low
+    else:
+        raise ConfigError(file, where, f"expected an integer or a range \"MIN-MAX\", got "
+                          f"{value!r}", fix)
+    if low > high:
+        raise ConfigError(file, where, f"{value!r}: the minimum {low} is above the maximum "
+                          f"{high}", f'put the smaller number first: "{high}-{low}"')
+    if high < 1:
+        raise ConfigError(file, where, f"{value!r} allows no worker at all (a MAX below 1)",
+                          'allow at least 1 worker; to scale to zero, use a range such '
+                          'as "0-4"')
+    return low, high
 
 
 def _named_tables(section: str, tables: dict, file: Path) -> dict[str, dict]:
@@ -293,6 +324,129 @@ def _tls_context(server: dict, root: Path, source):
     return context
 
 
+def _metrics_bind(text: str, source) -> Bind:
+    """[server] metrics as an address; only plain HTTP forms make sense."""
+    try:
+        if text.startswith(("fastcgi+", "http+")):
+            raise ValueError(f"{text!r} is not HOST:PORT or unix:PATH")
+        return Bind.parse(text)
+    except ValueError as exc:
+        raise ConfigError(source, "[server] metrics", str(exc),
+                          'write it as "127.0.0.1:9108" or "unix:/run/corral/metrics.sock"'
+                          ) from None
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The user and groups an app's workers and deploy step run as."""
+    uid: int
+    gid: int
+    user: str
+    group: str
+    groups: tuple[int, ...]  # supplementary groups, the user's own
+    home: str | None = None
+
+    def preexec(self, then=None):
+        """A preexec_fn that switches to this user and its groups in the
+        child, between fork and exec, then calls `then` (if any).  Not
+        subprocess's user= and group=: uvloop does not take them."""
+        uid, gid, groups = self.uid, self.gid, list(self.groups)
+
+        def in_child() -> None:
+            os.setgroups(groups)  # first: only root may, and setuid ends that
+            os.setgid(gid)
+            os.setuid(uid)
+            if then is not None:
+                then()
+        return in_child
+
+    def adjust_env(self, env: dict[str, str], app_env: dict[str, str]) -> None:
+        """HOME, USER and LOGNAME of the user in `env`, unless the app's [env]
+        sets them: root's HOME would send caches and dotfiles where the user
+        cannot write."""
+        for key, value in (("HOME", self.home), ("USER", self.user), ("LOGNAME", self.user)):
+            if value and key not in app_env:
+                env[key] = value
+
+
+def resolve_user(config: AppConfig, allow_root: bool = False) -> RunAs | None:
+    """Who the app's processes run as: None when no switch is made (corral
+    is not root, or is allowed to run the app as root).  ConfigError when the
+    user cannot be used, and when it is root without `allow_root`."""
+    import grp
+    import pwd
+
+    user, group = config.app.get("user"), config.app.get("group")
+    source = config.source
+
+    def by_name(table, name: str, key: str):
+        try:
+            return table.getpwnam(name) if table is pwd else table.getgrnam(name)
+        except KeyError:
+            if name.isdigit():
+                try:
+                    return table.getpwuid(int(name)) if table is pwd else table.getgrgid(int(name))
+                except KeyError:
+                    pass
+        raise ConfigError(source, key, f"no {'user' if table is pwd else 'group'} "
+                          f"{name!r} on this machine",
+                          f"create it (useradd --system {name}) or name an existing one"
+                          if table is pwd else f"create it (groupadd --system {name}) or "
+                          "name an existing one") from None
+
+    if os.geteuid() != 0:
+        me = pwd.getpwuid(os.geteuid()).pw_name if _has_uid(os.geteuid()) else str(os.geteuid())
+        if user is not None and by_name(pwd, user, "[app] user").pw_uid != os.geteuid():
+            raise ConfigError(source, "[app] user",
+                              f"corral runs as {me}, and only root can run the workers as "
+                              f"{user!r}", "start corral as root, or remove user (the "
+                              "workers then run as corral's own user)")
+        if group is not None and by_name(grp, group, "[app] group").gr_gid not in (
+                os.getegid(), *os.getgroups()):
+            raise ConfigError(source, "[app] group",
+                              f"corral runs as {me}, which cannot switch to group {group!r}",
+                              "start corral as root, or remove group")
+        return None
+
+    if user is not None:
+        entry = by_name(pwd, user, "[app] user")
+        uid, gid, name, home = entry.pw_uid, entry.pw_gid, entry.pw_name, entry.pw_dir
+        why = f"[app] user = {user!r}"
+    else:
+        folder = config.root.stat()
+        uid, gid, name, home = folder.st_uid, folder.st_gid, str(folder.st_uid), None
+        if _has_uid(uid):
+            entry = pwd.getpwuid(uid)
+            gid, name, home = entry.pw_gid, entry.pw_name, entry.pw_dir
+        why = f"[app] user is not set and the app folder {config.root} is owned by {name}"
+    if group is not None:
+        gid = by_name(grp, group, "[app] group").gr_gid
+    if uid == 0:
+        if not allow_root:
+            raise ConfigError(source, "[app] user",
+                              f"the workers would run as root ({why})",
+                              'set user = "NAME" to an unprivileged user (e.g. www-data), '
+                              f"or chown the app folder to one (chown -R www-data: "
+                              f"{config.root}); to run them as root anyway, start with "
+                              "corral serve --allow-root (or CORRAL_ALLOW_ROOT=1)")
+        return None
+    try:
+        group_name = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group_name = str(gid)
+    groups = os.getgrouplist(name, gid) if _has_uid(uid) else [gid]
+    return RunAs(uid, gid, name, group_name, tuple(groups), home)
+
+
+def _has_uid(uid: int) -> bool:
+    import pwd
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
 def _read_toml(file: Path) -> dict:
     try:
         with open(file, "rb") as f:
@@ -385,12 +539,18 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
         raise ConfigError(source, f"[engines.{BUILTIN_ENGINE}]",
                           f"{BUILTIN_ENGINE!r} is the built-in engine",
                           "give your engine another name")
+    fewest, most = _processes(get("app", "processes"), source, "[app] processes")
     if name == BUILTIN_ENGINE:
         engine = Engine(transport=get("app", "transport"))
         wrong = ("root", "index")
     else:
-        engine = _engine(name, named["engines"], source, root, env, get("app", "processes"))
-        wrong = ("wsgi", "transport")
+        engine = _engine(name, named["engines"], source, root, env, most)
+        wrong = ("wsgi", "transport", "spawn_mode")
+    if engine.address is not None and fewest != most:
+        raise ConfigError(source, "[app] processes",
+                          f"a range ({fewest}-{most}) scales workers corral starts, and the "
+                          f"engine {name!r} is a server at {engine.address}",
+                          f"give the number of connections to keep, e.g. processes = {most}")
     for key in wrong:
         if ("app", key) in values:
             raise ConfigError(source, f"[app] {key}",
@@ -485,14 +645,21 @@ def load(root: str | Path = ".", overrides: dict | None = None) -> AppConfig:
                           f"{server['socket_mode']!r} is not an octal mode",
                           'write it as a string of octal digits, e.g. "0660"')
     server["tls"] = _tls_context(server, root, source)
+    if server["metrics"] is not None:
+        server["metrics"] = _metrics_bind(server["metrics"], source)
+    for pattern in get("app", "watch"):
+        if pattern.startswith("/") or ".." in pattern.split("/"):
+            raise ConfigError(source, "[app] watch", f"{pattern!r} leaves the app folder",
+                              'write globs relative to the app folder, e.g. "**/*.py"')
     proxies = server["trusted_proxies"]
     server["trusted_proxies"] = frozenset([proxies] if isinstance(proxies, str) else proxies)
 
     return AppConfig(
         root=root, config_file=config_file, wsgi=wsgi,
-        processes=get("app", "processes"), mount=mount,
+        processes=most, min_processes=fewest, mount=mount,
         queue=get("app", "queue"), queue_timeout=get("app", "queue_timeout"),
         boot_timeout=get("app", "boot_timeout"), python=python,
         env=env, deploy=deploy, static=static, server=server,
-        app={key: get("app", key) for (section, key) in BY_NAME if section == "app"},
+        app={key: get("app", key) for (section, key) in BY_NAME if section == "app"}
+        | {"processes": (fewest, most)},
         engine=engine, docroot=docroot, index=index)

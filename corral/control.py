@@ -1,6 +1,7 @@
 """Asking a running server for a restart or its status: the control socket
 (`corral restart`, `corral status`), the restart file tmp/restart.txt and
-the config file, watched for changes.
+the config file, watched for changes, and the app's files matching
+[app] watch, watched through inotify (the watchfiles library).
 
 The socket is PATH/tmp/corral.sock in the app folder, owner-only (0600).
 Where that path is too long for a unix socket, the socket lives in the
@@ -15,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import stat
 from pathlib import Path
@@ -26,6 +28,13 @@ RESTART_FILE = "tmp/restart.txt"
 POLL_EVERY = 1.0  # seconds between looks at the restart file's mtime
 MAX_UNIX_PATH = 107  # sun_path holds 108 bytes with its NUL
 RESTART_WAIT = 900.0  # a client waits this long for a restart (deploy step included)
+# [app] watch: a burst of changes (a `git pull`, an editor saving several
+# files) is gathered until this much quiet, or this long at most, then makes
+# one restart; one asked for while a restart runs is queued once (Supervisor).
+WATCH_QUIET_MS = 300
+WATCH_GATHER_MS = 2000
+# Never watched, at any depth: tools' and Python's own folders.
+NEVER_WATCHED = frozenset({".git", ".hg", ".venv", "venv", "__pycache__", "node_modules"})
 
 
 class ControlError(Exception):
@@ -45,7 +54,16 @@ class ControlServer:
     async def start(self) -> None:
         """Listen; on any trouble, log it and serve without a control socket."""
         try:
-            self.name_file.parent.mkdir(exist_ok=True)
+            folder = self.name_file.parent
+            if not folder.exists():
+                folder.mkdir()
+                run_as = getattr(self.supervisor.config, "run_as", None)
+                if run_as is not None:
+                    # The app's user (its deploys) must be able to touch
+                    # tmp/restart.txt in the folder that root made.
+                    os.chown(folder, run_as.uid, run_as.gid)
+        except FileExistsError:
+            pass
         except OSError as exc:
             log.warning("no control socket (corral restart/status): cannot create %s: %s",
                         self.name_file.parent, exc.strerror)
@@ -191,3 +209,97 @@ async def watch_restart_file(root: Path, supervisor, config_file: Path | None = 
             # Both in one second (an edited config, then a touch): one restart.
             log.info("%s: restarting", " and ".join(causes))
             supervisor.restart(" and ".join(causes))
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """A glob relative to the app folder as a regular expression for the
+    whole relative path: `*` and `?` stay within one folder name, `**/`
+    spans any number of folders (none included), `[abc]` is a class."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+class GlobFilter:
+    """Which changed paths (absolute) count for [app] watch; the globs and
+    the logs are read from the supervisor's config, which a restart renews."""
+
+    def __init__(self, supervisor) -> None:
+        self.supervisor = supervisor
+        self._compiled: tuple[tuple[str, ...], list[re.Pattern]] = ((), [])
+
+    def relative(self, path: str) -> str | None:
+        """`path` relative to the app folder, if it is one that counts."""
+        config = self.supervisor.config
+        root = str(config.root)
+        if not path.startswith(root + os.sep):
+            return None
+        rel = path[len(root) + 1:]
+        parts = rel.split(os.sep)
+        if NEVER_WATCHED.intersection(parts[:-1]) or parts[-1] in NEVER_WATCHED:
+            return None
+        ignored = {str(config.deploy.log), str(root / Path(SOCKET_NAME))}
+        access = config.server.get("access_log")
+        if access and access != "-":
+            ignored.add(str(config.root / access))
+        if path in ignored:
+            return None
+        globs = tuple(config.app.get("watch") or ())
+        if globs != self._compiled[0]:
+            self._compiled = (globs, [glob_regex(g) for g in globs])
+        rel = rel.replace(os.sep, "/")
+        return rel if any(r.match(rel) for r in self._compiled[1]) else None
+
+    def __call__(self, change, path: str) -> bool:
+        return self.relative(path) is not None
+
+
+async def watch_globs(config, supervisor) -> None:
+    """Restart when files of the app matching [app] watch change, one
+    restart per burst of changes, its cause naming a file."""
+    try:
+        import watchfiles
+    except ImportError:  # a dependency: only a broken install lacks it
+        log.error("[app] watch: the watchfiles library is missing; files are not watched")
+        return
+    keep = GlobFilter(supervisor)
+    log.info("watching %s for changes to %s", config.root, ", ".join(config.app["watch"]))
+    try:
+        async for changes in watchfiles.awatch(
+                config.root, watch_filter=keep, debounce=WATCH_GATHER_MS,
+                step=WATCH_QUIET_MS, rust_timeout=1000, ignore_permission_denied=True):
+            paths = sorted({keep.relative(path) for _, path in changes} - {None})
+            if not paths:
+                continue
+            more = f" and {len(paths) - 1} more files" if len(paths) > 1 else ""
+            cause = f"watch: {paths[0]}{more} changed"
+            log.info("%s: restarting", cause)
+            supervisor.restart(cause)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # inotify limits, a folder that vanished
+        log.error("[app] watch: watching %s stopped: %s (restart corral to watch again; "
+                  "if inotify ran out of watches, raise fs.inotify.max_user_watches)",
+                  config.root, exc)

@@ -37,8 +37,9 @@ def _stamp() -> str:
 
 
 async def run_deploy(step: DeployStep, root: Path, env: dict[str, str],
-                     generation: int, app: str) -> DeployResult:
-    """Run the deploy step to completion (or its timeout) and log it."""
+                     generation: int, app: str, run_as=None) -> DeployResult:
+    """Run the deploy step to completion (or its timeout) and log it, as the
+    user `run_as` (a config RunAs: [app] user) when given."""
     step.log.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with open(step.log, "a", encoding="utf-8", errors="replace") as out:
@@ -53,7 +54,8 @@ async def run_deploy(step: DeployStep, root: Path, env: dict[str, str],
             proc = await asyncio.create_subprocess_exec(
                 *step.argv, cwd=root, env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True,
+                preexec_fn=run_as.preexec() if run_as is not None else None)
         except OSError as exc:
             note(f"deploy step could not start: {exc}")
             log.error("deploy step of %s could not start: %s", app, exc)

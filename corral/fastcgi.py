@@ -54,6 +54,11 @@ BEGIN_BODY = struct.Struct("!HB5x")  # role, flags
 END_BODY = struct.Struct("!IB3x")  # appStatus, protocolStatus
 UNKNOWN_BODY = struct.Struct("!B7x")  # type
 NULL_REQUEST_ID = 0  # management records carry request id 0
+# Not in the spec: the GET_VALUES name by which a web server asks whether the
+# application holds a second request until the first has ended (see
+# AppConnection), and the most it holds.
+QUEUE_VALUE = b"CORRAL_QUEUE_REQUESTS"
+MAX_HELD = 1 << 20
 
 
 class RecordType(enum.IntEnum):
@@ -130,43 +135,55 @@ def _encode_length(n: int) -> bytes:
     return struct.pack("!I", n | 0x80000000)
 
 
+_SHORT_LENGTHS = struct.Struct("!BB").pack
+
+
 def encode_pairs(pairs) -> bytes:
     """Name-value pairs (an iterable of (bytes, bytes)) as one byte string."""
     out = []
+    append = out.append
     for name, value in pairs:
-        out.append(_encode_length(len(name)))
-        out.append(_encode_length(len(value)))
-        out.append(name)
-        out.append(value)
+        n, v = len(name), len(value)
+        if n < 0x80 and v < 0x80:  # nearly every CGI param: both lengths in a byte
+            append(_SHORT_LENGTHS(n, v))
+        else:
+            append(_encode_length(n) + _encode_length(v))
+        append(name)
+        append(value)
     return b"".join(out)
 
 
 def decode_pairs(data: bytes) -> list[tuple[bytes, bytes]]:
     """The inverse of encode_pairs; every length is checked against the data."""
     pairs = []
+    append = pairs.append
     pos, end = 0, len(data)
     while pos < end:
-        lengths = []
-        for _ in range(2):
-            if pos >= end:
-                raise ProtocolError("name-value pair truncated in its length")
-            first = data[pos]
-            if first < 0x80:
-                lengths.append(first)
-                pos += 1
-            else:
-                if pos + 4 > end:
-                    raise ProtocolError("name-value pair truncated in its length")
-                lengths.append(struct.unpack_from("!I", data, pos)[0] & 0x7FFFFFFF)
-                pos += 4
-        name_len, value_len = lengths
+        if pos + 2 <= end and data[pos] < 0x80 and data[pos + 1] < 0x80:
+            name_len, value_len = data[pos], data[pos + 1]  # the common, short case
+            pos += 2
+        else:
+            name_len, pos = _decode_length(data, pos, end)
+            value_len, pos = _decode_length(data, pos, end)
         if pos + name_len + value_len > end:
             raise ProtocolError("name-value pair longer than its stream")
         name = data[pos:pos + name_len]
         pos += name_len
-        pairs.append((name, data[pos:pos + value_len]))
+        append((name, data[pos:pos + value_len]))
         pos += value_len
     return pairs
+
+
+def _decode_length(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """One name-value length at `pos` (one byte, or four with the top bit
+    set), and the position after it."""
+    if pos >= end:
+        raise ProtocolError("name-value pair truncated in its length")
+    if data[pos] < 0x80:
+        return data[pos], pos + 1
+    if pos + 4 > end:
+        raise ProtocolError("name-value pair truncated in its length")
+    return struct.unpack_from("!I", data, pos)[0] & 0x7FFFFFFF, pos + 4
 
 
 # ---------------------------------------------------------------------------
@@ -274,9 +291,16 @@ class AppConnection:
     Events come out of receive_data(); answers the protocol requires by
     itself (GET_VALUES_RESULT, UNKNOWN_TYPE, CANT_MPX_CONN, UNKNOWN_ROLE)
     queue up in data_to_send().  Only the RESPONDER role is served.
+
+    With `queue_requests`, once the peer has asked for QUEUE_VALUE in a
+    GET_VALUES (so it knows what it asks for), a second request that arrives
+    while one is in flight is not refused but held, and its events come out
+    of resume() once the first has ended: requests are still served one at
+    a time, in the order they came.  Other peers get CANT_MPX_CONN as ever.
     """
 
-    def __init__(self, values: dict[bytes, bytes] | None = None) -> None:
+    def __init__(self, values: dict[bytes, bytes] | None = None,
+                 queue_requests: bool = False) -> None:
         self.values = values if values is not None else {
             b"FCGI_MAX_CONNS": b"1",
             b"FCGI_MAX_REQS": b"1",
@@ -289,6 +313,10 @@ class AppConnection:
         self._params_done = False
         self._stderr_open = False  # stderr() sent data: finish() must end the stream
         self._outgoing = bytearray()
+        self._queue_offered = queue_requests
+        self._queue_requests = False  # offered, and the peer asked for it
+        self._held: list[Record] = []  # records of requests behind the one in flight
+        self._held_bytes = 0
 
     def data_to_send(self) -> bytes:
         out = bytes(self._outgoing)
@@ -306,10 +334,27 @@ class AppConnection:
         """Bytes received that do not make a whole record yet."""
         return self._reader.pending
 
+    def resume(self) -> list:
+        """The events of the requests held while another was in flight (see
+        queue_requests); call it after finish()."""
+        events = []
+        held, self._held, self._held_bytes = self._held, [], 0
+        for record in held:
+            self._handle(record, events)
+        return events
+
     def _handle(self, record: Record, events: list) -> None:
         rtype, rid, content = record.type, record.request_id, record.content
         if rid == NULL_REQUEST_ID:
             self._handle_management(rtype, content)
+            return
+        if (self._queue_requests and self.request_id is not None
+                and rid != self.request_id):
+            self._held_bytes += len(content)
+            if self._held_bytes > MAX_HELD:
+                raise ProtocolError("more than 1 MiB of requests queued behind the one "
+                                    "in flight")
+            self._held.append(record)
             return
         if rtype == RecordType.BEGIN_REQUEST:
             if len(content) < BEGIN_BODY.size:
@@ -361,6 +406,8 @@ class AppConnection:
     def _handle_management(self, rtype: int, content: bytes) -> None:
         if rtype == RecordType.GET_VALUES:
             asked = decode_pairs(content)
+            if self._queue_offered and any(name == QUEUE_VALUE for name, _ in asked):
+                self._queue_requests = True
             known = [(name, self.values[name]) for name, _ in asked
                      if name in self.values]
             self._outgoing += encode_record(

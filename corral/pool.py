@@ -19,6 +19,14 @@ The engine decides what a worker runs: corral's own `python -m corral.worker`,
 or any FastCGI program (php-cgi, ...) under the same supervision.  An engine
 with an `address` is a server someone else runs: the pool only keeps
 `processes` links to it and reconnects them, and spawns nothing.
+
+With a range ([app] processes = "MIN-MAX") the pool starts MIN workers, adds
+one while requests wait and none is free (never more than are waiting, with
+the crash back-off), and stops workers idle for [app] idle_timeout, down to
+MIN; at MIN 0 a generation is ready once its deploy step has succeeded, and
+its first request waits in the queue while a worker starts.  With [app]
+spawn_mode = "preload" workers are forked by the generation's preloader
+(corral/preload.py) instead of started fresh, under the same supervision.
 """
 
 from __future__ import annotations
@@ -39,10 +47,12 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral import metrics
 from corral.config import AppConfig
 from corral.deploy import DeployResult, run_deploy
 from corral.front.errors import GatewayError, GatewayTimeout, Unavailable
 from corral.front.upstream import Link
+from corral.preload import PRELOADER_GONE, Preloader
 from corral.worker import EXIT_APP_LOAD_ERROR
 
 log = logging.getLogger("corral.error")
@@ -116,6 +126,8 @@ def _die_with_us(parent: int):
 def describe_exit(status: int | None) -> str:
     if status is None:
         return "still running"
+    if status == PRELOADER_GONE:
+        return "exit status unknown: its preloader had died"
     if status < 0:
         try:
             return f"killed by {signal.Signals(-status).name}"
@@ -163,12 +175,14 @@ class Waiter:
     """A request waiting for a free worker: `callback(link, error)` is called
     exactly once, with a link or with the Unavailable error that ends the wait."""
 
-    __slots__ = ("callback", "timer", "done")
+    __slots__ = ("callback", "timer", "done", "queued", "behind_ok")
 
     def __init__(self, callback) -> None:
         self.callback = callback
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
+        self.behind_ok = False  # may go behind a busy worker's request (a small body)
+        self.queued = time.monotonic()  # for status and metrics: the oldest wait
 
     def settle(self, link: Link | None, error: Unavailable | None = None) -> None:
         if self.done:
@@ -207,6 +221,7 @@ class WorkerProcess:
         self.refill = False  # its replacement starts when it has exited
         self.timer: asyncio.TimerHandle | None = None  # its request's timeout
         self.rss = 0  # KiB, as last read after a request
+        self.idle_since = self.spawned  # when it last became free, for idle_timeout
 
     def request_started(self, link: Link) -> None:
         timeout = self.pool.limits.request_timeout
@@ -260,6 +275,18 @@ class Pool:
         self.engine = config.engine
         self.attach_failures: dict[int, int] = {}  # by slot, for an address engine
         self.env = self._worker_env()
+        # [app] processes = "MIN-MAX" (MIN = MAX = config.processes if fixed).
+        self.fewest = config.min_processes
+        self.idle_timeout = config.app["idle_timeout"]
+        # Only our own worker takes requests behind others (its links say so).
+        self.behind_limit = config.app.get("behind_limit", 0.0)
+        self.growing: set[int] = set()  # slots a scale-up is starting a worker in
+        self.preload = config.engine.builtin and config.app["spawn_mode"] == "preload"
+        self.preloader: Preloader | None = None  # started by the first fork
+        self.metrics = metrics.for_app(config.name)
+        self.run_as = config.run_as  # [app] user and group, when corral runs as root
+        if self.run_as is not None:
+            self.run_as.adjust_env(self.env, config.env)
 
     def _worker_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -285,6 +312,14 @@ class Pool:
     def ready_count(self) -> int:
         return sum(w.state in ("idle", "busy") for w in self.workers.values())
 
+    def count(self) -> dict:
+        """For status: the [app] processes range, how many workers run now,
+        and how they are spawned."""
+        return {"min": self.fewest, "max": self.config.processes,
+                "now": sum(w.state != "dead" for w in self.workers.values()),
+                "spawn_mode": "preload" if self.preload else "direct",
+                "preloader": self.preloader.pid if self.preloader else None}
+
     def _task(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
@@ -300,26 +335,31 @@ class Pool:
         self.state = "deploying"
         alone = self.exclusive and self.config.deploy.argv
         spawns = [] if alone else [self._task(self.spawn(slot))
-                                   for slot in range(self.config.processes)]
+                                   for slot in range(self.fewest)]
         if self.config.deploy.argv:
             self.last_deploy = await run_deploy(
                 self.config.deploy, self.config.root, self.env, self.generation,
-                self.config.name)
+                self.config.name, self.run_as)
             if not self.last_deploy.ok:
                 self.fail(f"deploy step failed ({self.last_deploy.describe()}), "
                           f"see {self.last_deploy.log}")
                 return
         if alone:
-            spawns = [self._task(self.spawn(slot)) for slot in range(self.config.processes)]
+            spawns = [self._task(self.spawn(slot)) for slot in range(self.fewest)]
         # Ready means answering: wait for the first workers to import the
-        # app (each spawn ends at readiness, exit or its boot timeout).
-        await asyncio.wait(spawns)
+        # app (each spawn ends at readiness, exit or its boot timeout).  With
+        # MIN 0 there are none: the deploy step's success is readiness.
+        if spawns:
+            await asyncio.wait(spawns)
         if self.state == "deploying":
             self.state = "ready"
             self.deployed.set_result(True)
             self._serve_waiters()
+            self._scale_up()
             if self.limits.max_lifetime:
                 self._task(self._watch_lifetimes())
+            if self.fewest < self.config.processes:
+                self._task(self._watch_idle())
 
     async def wait_all_ready(self, timeout: float) -> str:
         """Wait until every slot has a ready worker; "" then, else why not
@@ -330,11 +370,11 @@ class Pool:
                 return self.failure
             if self.quick_exits >= CRASH_LIMIT:
                 return f"its workers keep dying ({self.quick_exits} quick exits in a row)"
-            if self.ready_count() == self.config.processes:
+            if self.ready_count() >= self.fewest:
                 return ""
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return (f"{self.ready_count()} of {self.config.processes} workers ready "
+                return (f"{self.ready_count()} of {self.fewest} workers ready "
                         f"after {timeout:.0f} s")
             self.progress.clear()
             with contextlib.suppress(TimeoutError):
@@ -377,6 +417,9 @@ class Pool:
                     self._signal(worker, signal.SIGKILL)
             if pending:
                 await asyncio.wait(pending, timeout=KILL_GRACE)
+        if self.preloader is not None:  # last: it reports its workers' exits
+            preloader, self.preloader = self.preloader, None
+            await preloader.stop()
         for worker in workers:
             if worker.link is not None and worker.link.transport is not None:
                 worker.link.transport.close()
@@ -442,6 +485,13 @@ class Pool:
             return listener
         raise OSError(errno.EADDRINUSE, f"no free port in {low}-{high} on 127.0.0.1")
 
+    def _preexec(self):
+        """What runs in a worker's child before exec: the switch to [app]
+        user, and for other engines the parent-death signal (after the
+        switch, which clears it)."""
+        then = None if self.engine.builtin else _die_with_us(os.getpid())
+        return self.run_as.preexec(then) if self.run_as is not None else then
+
     def _argv(self, worker: WorkerProcess) -> list[str]:
         config = self.config
         if self.engine.builtin:
@@ -464,12 +514,14 @@ class Pool:
         listener = None
         try:
             listener = self._listen(worker)
-            worker.proc = await asyncio.create_subprocess_exec(
-                *self._argv(worker),
-                stdin=listener.fileno() if listener else subprocess.DEVNULL,
-                stdout=sys.stderr.fileno(), cwd=config.root, env=self.env,
-                start_new_session=True,
-                preexec_fn=None if self.engine.builtin else _die_with_us(os.getpid()))
+            if self.preload:
+                worker.proc = await self._fork(listener)
+            else:
+                worker.proc = await asyncio.create_subprocess_exec(
+                    *self._argv(worker),
+                    stdin=listener.fileno() if listener else subprocess.DEVNULL,
+                    stdout=sys.stderr.fileno(), cwd=config.root, env=self.env,
+                    start_new_session=True, preexec_fn=self._preexec())
         except OSError as exc:
             log.error("cannot spawn a worker for %s: %s", config.name, exc)
             worker.state = "dead"
@@ -480,12 +532,30 @@ class Pool:
             if listener is not None:
                 listener.close()
         worker.pid = worker.proc.pid
+        if worker.proc.returncode is not None:
+            # The preloader could not fork it (it cannot import the app, or
+            # died): reported and retried like a worker that died booting.
+            await self.reap(worker)
+            return
         worker.spawned = time.monotonic()
+        self.metrics.worker_spawned()
         where = f" on 127.0.0.1:{worker.port}" if worker.port else ""
         log.info("spawned worker pid %s for %s (slot %s)%s", worker.pid, config.name,
                  slot, where)
         exited = self._task(self.reap(worker))
         await self.connect(worker, exited)
+
+    async def _fork(self, listener: socket.socket):
+        """A worker forked by this generation's preloader, which starts (and
+        imports the app) at the first fork, and again after it died or was
+        stopped at zero workers."""
+        if self.preloader is None or self.preloader.closed:
+            config = self.config
+            argv = [config.python, "-m", "corral.worker", config.wsgi, "--mount",
+                    config.mount, "--parent", str(os.getpid()), "--preload"]
+            self.preloader = Preloader(config.name, argv, config.root, self.env,
+                                       config.boot_timeout, self._preexec())
+        return await self.preloader.fork(listener)
 
     async def _open(self, worker: WorkerProcess) -> Link:
         loop = asyncio.get_running_loop()
@@ -565,6 +635,7 @@ class Pool:
         """Wait for the worker to exit, report why, and replace it."""
         status = await worker.proc.wait()
         previous = worker.state
+        self.metrics.worker_exited(self, worker, previous, status)
         worker.state = "dead"
         worker.cancel_timer()
         self.leaving.discard(worker)
@@ -581,8 +652,8 @@ class Pool:
             # process is not respawned.
             expected = previous == "retiring"
             log.log(logging.INFO if expected else logging.ERROR,
-                    "worker pid %s of %s %s (%s) after %s requests; it was being "
-                    "replaced because %s", worker.pid, self.config.name,
+                    "worker pid %s of %s %s (%s) after %s requests; it was leaving "
+                    "because %s", worker.pid, self.config.name,
                     "exited" if expected else "exited unexpectedly", describe_exit(status),
                     worker.requests, worker.leaving)
             if worker.refill and self.workers.get(worker.slot) is worker:
@@ -792,8 +863,16 @@ class Pool:
     # -- dispatch ------------------------------------------------------------
 
     def release(self, link: Link) -> None:
-        """`link` is free: give it to the first waiting request, or keep it."""
+        """`link` is free, or its worker has begun the request that was behind
+        the one that ended: give it the first waiting request, or keep it."""
         worker = link.worker
+        if link.handler is not None:
+            # Busy with the request that was behind: another may go behind it.
+            if (self.state == "ready" and self.waiters and self.waiters[0].behind_ok
+                    and worker.state == "busy"
+                    and link.can_take_behind(time.monotonic(), self.behind_limit)):
+                self.waiters.popleft().settle(link)
+            return
         if worker.state == "retiring":
             self._dismiss(worker)  # its request is done: now it may go
             return
@@ -803,7 +882,10 @@ class Pool:
             worker.state = "busy"
             self.waiters.popleft().settle(link)
             return
+        if self.state == "ready" and self._take_back_for(link):
+            return
         worker.state = "idle"
+        worker.idle_since = time.monotonic()
         self.idle.append(link)
 
     # -- timeouts and recycling ------------------------------------------------
@@ -818,6 +900,10 @@ class Pool:
         handler, link.handler = link.handler, None  # what the worker sends now is dropped
         if handler is None or link.closed:
             return
+        behind = link.take_back()
+        if behind is not None:  # not begun, and this worker will not begin it now
+            link.behind = None
+            behind.handler.upstream_resend()
         timeout, grace = self.limits.request_timeout, self.limits.timeout_grace
         describe = getattr(handler, "describe", None)
         what = describe() if describe else "a request whose client has gone"
@@ -938,6 +1024,68 @@ class Pool:
                 link.transport.close()
         self._signal(worker, signal.SIGTERM)
 
+    # -- scaling: [app] processes = "MIN-MAX" -----------------------------------
+
+    def _scale_up(self) -> None:
+        """Requests wait and no worker is free: start a worker for each
+        waiting request that no starting worker will take, up to MAX.  A
+        burst of requests therefore starts at most as many workers as are
+        missing, and respawns after quick deaths keep their back-off."""
+        if (self.state != "ready" or not self.waiters or self.idle
+                or self.engine.address is not None):
+            return
+        starting = self.growing | {slot for slot, w in self.workers.items()
+                                   if w.state == "booting"}
+        wanted = len(self.waiters) - len(starting)
+        free = [slot for slot in range(self.config.processes)
+                if slot not in self.workers and slot not in self.growing]
+        for slot in free[:max(wanted, 0)]:
+            log.info("adding a worker to %s (slot %s): %d requests wait and no worker is "
+                     "free; %d of at most %d running", self.config.name, slot,
+                     len(self.waiters), len(self.workers), self.config.processes)
+            self.growing.add(slot)
+            self._task(self._grow(slot))
+
+    async def _grow(self, slot: int) -> None:
+        try:
+            await self.spawn(slot, self._backoff())
+        finally:
+            self.growing.discard(slot)
+
+    async def _watch_idle(self) -> None:
+        """Stop workers idle for [app] idle_timeout, down to MIN.  With none
+        left, a preload pool's preloader stops too: the app costs no process."""
+        timeout = self.idle_timeout
+        while not self.closing:
+            await asyncio.sleep(min(WATCH_EVERY, timeout / 2))
+            if self.state != "ready":
+                continue
+            now = time.monotonic()
+            serving = [w for w in self.workers.values() if not w.leaving]
+            excess = len(serving) - self.fewest
+            for worker in sorted(serving, key=lambda w: w.idle_since):
+                if excess <= 0:
+                    break
+                if worker.state == "idle" and now - worker.idle_since >= timeout:
+                    self.shrink(worker, now - worker.idle_since)
+                    excess -= 1
+            if (self.preloader is not None and not self.growing and not self.waiters
+                    and all(w.state == "dead" for w in self.all_workers())):
+                log.info("%s has no workers left: stopping its preloader pid %s",
+                         self.config.name, self.preloader.pid)
+                preloader, self.preloader = self.preloader, None
+                preloader.close()  # it exits by itself even if stop() is cancelled
+                self._task(preloader.stop())
+
+    def shrink(self, worker: WorkerProcess, idle: float) -> None:
+        """Stop an idle worker above MIN; its slot is free for a later scale-up."""
+        worker.leaving = (f"it was idle for {idle:.0f} s ([app] idle_timeout = "
+                          f"{self.idle_timeout:g})")
+        del self.workers[worker.slot]
+        log.info("stopping worker pid %s of %s: %s; %d workers left", worker.pid,
+                 self.config.name, worker.leaving, len(self.workers))
+        self._dismiss(worker)
+
     # -- generations -----------------------------------------------------------
 
     def adopt_waiters(self, old: Pool) -> None:
@@ -955,6 +1103,7 @@ class Pool:
             waiter.timer = loop.call_later(left, self._expire, waiter)
             self.waiters.append(waiter)
         self._serve_waiters()
+        self._scale_up()
 
     async def retire_generation(self, grace: float) -> None:
         """An old generation's end: no new work; idle workers go at once,
@@ -972,6 +1121,48 @@ class Pool:
                             "graceful timeout; stopping them", self.generation,
                             self.config.name, len(pending), grace)
         await self.stop()
+
+    def acquire_behind(self) -> Link | None:
+        """No worker is free: a busy one of ours that takes a request behind
+        the one it serves (see Link), or None (then wait_for_link).  None
+        too while the pool may still grow: a new worker is better."""
+        if (self.state != "ready" or self.waiters or not self.behind_limit
+                or self.engine.address is not None):
+            return None
+        if len(self.workers) + len(self.growing) < self.config.processes:
+            return None
+        now = time.monotonic()
+        limit = self.behind_limit
+        best = None
+        for worker in self.workers.values():
+            link = worker.link
+            if (link is not None and worker.state == "busy" and not worker.leaving
+                    and link.can_take_behind(now, limit)
+                    and (best is None or link.sent_at < best.sent_at)):
+                best = link  # the one that began first is likely to end first
+        return best
+
+    def _take_back_for(self, link: Link) -> bool:
+        """`link` is free and nothing waits: take back the oldest request
+        sent behind a busy worker, if that worker has not begun it, and
+        send it on `link` instead."""
+        oldest = None
+        for worker in self.workers.values():
+            other = worker.link
+            if (other is not None and other is not link and other.behind is not None
+                    and not other.behind.taken
+                    and (oldest is None or other.behind.sent_at < oldest.behind.sent_at)):
+                oldest = other
+        behind = oldest.take_back() if oldest is not None else None
+        if behind is None:
+            return False
+        log.info("a request behind worker pid %s's current one is taken back for worker "
+                 "pid %s, which is free", oldest.worker.pid, link.worker.pid)
+        link.worker.state = "busy"
+        handler = behind.handler
+        handler.attach(link)
+        link.start(behind.params, behind.body, handler)
+        return True
 
     def _serve_waiters(self) -> None:
         while self.idle and self.waiters:
@@ -991,11 +1182,14 @@ class Pool:
             # respawn; this request goes to another worker or waits.
         return None
 
-    def wait_for_link(self, callback) -> None:
+    def wait_for_link(self, callback, behind_ok: bool = False) -> None:
         """Queue a request: `callback(link, error)` runs once, with a free link
         or with the 503 that ends the wait (queue full, wait too long, deploy
-        step still running or failed, server stopping)."""
+        step still running or failed, server stopping).  `behind_ok`: the
+        request may also be given a busy link, to go behind its current one
+        (a small body: see Link.start)."""
         waiter = Waiter(callback)
+        waiter.behind_ok = behind_ok
         state = self.state
         if state == "failed":
             waiter.settle(None, Unavailable(self.failure, retry_after=30, page=FAILED_PAGE))
@@ -1014,6 +1208,7 @@ class Pool:
         wait = self.config.queue_timeout if state == "ready" else self.config.deploy.hold
         waiter.timer = asyncio.get_running_loop().call_later(wait, self._expire, waiter)
         self.waiters.append(waiter)
+        self._scale_up()
 
     def _expire(self, waiter: Waiter) -> None:
         try:
@@ -1056,6 +1251,8 @@ class Supervisor:
         self._queued: asyncio.Future | None = None
         self._queued_cause = ""
         self.tasks: set[asyncio.Task] = set()
+        self.metrics = metrics.for_app(config.name)
+        self.metrics.supervisor = self  # its gauges are read from here at scrape time
 
     def _task(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -1068,8 +1265,11 @@ class Supervisor:
     def acquire_nowait(self) -> Link | None:
         return self.current.acquire_nowait()
 
-    def wait_for_link(self, callback) -> None:
-        self.current.wait_for_link(callback)
+    def acquire_behind(self) -> Link | None:
+        return self.current.acquire_behind()
+
+    def wait_for_link(self, callback, behind_ok: bool = False) -> None:
+        self.current.wait_for_link(callback, behind_ok)
 
     def release(self, link: Link) -> None:
         link.worker.pool.release(link)  # to the generation the link belongs to
@@ -1120,8 +1320,11 @@ class Supervisor:
         return self._queued
 
     async def _restart(self, cause: str) -> dict:
+        started = time.monotonic()
         try:
-            return await self._new_generation(cause)
+            result = await self._new_generation(cause)
+            result["seconds"] = round(time.monotonic() - started, 3)  # for status
+            return result
         finally:
             self._running = None
             queued, self._queued = self._queued, None
@@ -1168,7 +1371,7 @@ class Supervisor:
             return self._failed(number, cause, why)
         old, self.current, self.config = self.current, pool, config
         pool.adopt_waiters(old)
-        pids = ", ".join(str(w.pid) for w in pool.workers.values())
+        pids = ", ".join(str(w.pid) for w in pool.workers.values()) or "none yet"
         log.info("generation %s of %s serves (worker pids %s), ready in %.1f s; generation "
                  "%s finishes its in-flight requests", number, name, pids,
                  time.monotonic() - started, old.generation)
@@ -1208,7 +1411,7 @@ class Supervisor:
                       "message": f"generation {number} cannot serve: {why}",
                       "at": time.time()}
         else:
-            pids = ", ".join(str(w.pid) for w in pool.workers.values())
+            pids = ", ".join(str(w.pid) for w in pool.workers.values()) or "none yet"
             log.info("generation %s of %s serves (worker pids %s), %.1f s after the restart "
                      "began", number, self.config.name, pids, time.monotonic() - started)
             result = {"ok": True, "generation": number, "cause": cause,
@@ -1237,7 +1440,8 @@ class Supervisor:
         if result is not None:
             self.last_deploy = {"generation": pool.generation, "ok": result.ok,
                                 "result": result.describe(), "log": str(result.log),
-                                "at": time.time()}
+                                "at": time.time(), "status": result.status,
+                                "seconds": round(result.seconds, 3)}
 
     # -- status ------------------------------------------------------------------
 
@@ -1265,4 +1469,9 @@ class Supervisor:
                 "starting": self.starting.generation if self.starting else None,
                 "retiring": sorted(p.generation for p in self.old),
                 "queue": len(self.current.waiters), "workers": workers,
+                "queue_oldest_wait": round(max((now - w.queued for w in self.current.waiters
+                                                if not w.done), default=0.0), 3),
+                "user": (f"{self.config.run_as.user}:{self.config.run_as.group}"
+                         if self.config.run_as else None),
+                "processes": self.current.count(),
                 "last_deploy": self.last_deploy, "restarts": list(self.restarts)}

@@ -15,9 +15,10 @@ import tempfile
 from pathlib import Path
 
 from corral import systemd
-from corral.config import AppConfig, load
-from corral.control import ControlServer, watch_restart_file
+from corral.config import AppConfig, load, resolve_user
+from corral.control import ControlServer, watch_globs, watch_restart_file
 from corral.front.server import Front
+from corral.metrics import MetricsListener, registry_for
 from corral.pool import Supervisor
 from corral.venv import use_app_python
 
@@ -27,8 +28,10 @@ EXIT_CONFIG = 2  # the config (or the app it names) cannot be served
 
 
 class Server:
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, allow_root: bool = False) -> None:
         self.config = config
+        self.allow_root = allow_root  # for [app] user at each reload
+        self.metrics: MetricsListener | None = None
         self.stop_requested: asyncio.Event | None = None
         self.notify = systemd.Notifier.from_environ()
         self.supervisor: Supervisor | None = None
@@ -52,6 +55,9 @@ class Server:
         """The config of the next generation: the app's config file read
         again.  The front keeps the [server] and [static] it started with."""
         config = load(self.config.root)
+        config.run_as = resolve_user(config, self.allow_root)
+        if config.run_as is not None:
+            os.chmod(self.run_dir, 0o711)  # [app] user set since the start: see run()
         use_app_python(config.env, config.python, self.run_dir)
         if (config.static != self.config.static or config.mount != self.config.mount
                 or {k: v for k, v in config.server.items() if k != "tls"}
@@ -75,6 +81,10 @@ class Server:
             return EXIT_CONFIG
         run_dir = Path(tempfile.mkdtemp(prefix="corral-"))
         self.run_dir = run_dir
+        if self.config.run_as is not None:
+            # Workers of [app] user reach corral's package link in it (see
+            # use_app_python), but may not list it; their sockets come as fd 0.
+            os.chmod(run_dir, 0o711)
         use_app_python(self.config.env, self.config.python, run_dir)
         pool = Supervisor(self.config, run_dir, reload=self.reload)
         try:
@@ -99,13 +109,36 @@ class Server:
                               "--bind or [server] bind", bind, exc.strerror)
                     front.close_listeners()
                     return EXIT_CONFIG
+            if not await self._start_metrics(pool):
+                front.close_listeners()
+                return EXIT_CONFIG
             log.info("listening on %s", ", ".join(front.addresses))
             return await self._serve(pool, front)
         finally:
+            if self.metrics is not None:
+                self.metrics.close()
             shutil.rmtree(run_dir, ignore_errors=True)
             for path in front.unix_paths:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+
+    async def _start_metrics(self, pool: Supervisor) -> bool:
+        """The /metrics listener of [server] metrics, if set; False if it cannot listen."""
+        bind = self.config.server["metrics"]
+        if bind is None:
+            return True
+        self.metrics = MetricsListener(registry_for(pool.metrics))
+        try:
+            await self.metrics.start(bind, self.config.server["socket_mode"],
+                                     self.config.server["socket_group"])
+        except OSError as exc:
+            log.error("%s: [server] metrics: cannot listen on %s: %s. Fix: choose another "
+                      "address, or remove metrics", self.config.source, bind,
+                      exc.strerror or exc)
+            self.metrics = None
+            return False
+        log.info("metrics at %s", self.metrics.address)
+        return True
 
     async def _serve(self, pool: Supervisor, front: Front) -> int:
         loop = asyncio.get_running_loop()
@@ -114,6 +147,8 @@ class Server:
         await control.start()
         watching = loop.create_task(watch_restart_file(self.config.root, pool,
                                                        self.config.config_file))
+        globbing = (loop.create_task(watch_globs(self.config, pool))
+                    if self.config.app["watch"] else None)
         starting = loop.create_task(pool.start())
         stop = loop.create_task(self.stop_requested.wait())
         await asyncio.wait({starting, stop, pool.fatal}, return_when=asyncio.FIRST_COMPLETED)
@@ -135,6 +170,8 @@ class Server:
         front.close_listeners()
         control.close()
         watching.cancel()
+        if globbing is not None:
+            globbing.cancel()
         await front.drain(self.config.server["graceful_timeout"])
         starting.cancel()
         stop.cancel()

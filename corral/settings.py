@@ -16,7 +16,8 @@ from typing import Any
 class Setting:
     section: str  # for the keys of named tables ([engines.NAME]): "engines"
     key: str
-    kind: str  # str, int, float, bool, command, addresses, choice, table
+    kind: str  # str, int, float, bool, command, addresses, choice, table, globs,
+    # processes (a number or a "MIN-MAX" range)
     default: Any
     help: str
     minimum: float | None = None
@@ -53,10 +54,30 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("app", "wsgi", "str", None,
             "The WSGI callable as `module:callable`. Optional for a Django "
             "project: corral uses `<settings package>.wsgi:application`."),
-    Setting("app", "processes", "int", 2,
-            "How many worker processes serve the app. For an engine with an "
-            "`address`: how many connections corral keeps to that server.",
-            minimum=1),
+    Setting("app", "processes", "processes", 2,
+            "How many worker processes serve the app: a number, or a range "
+            "`\"MIN-MAX\"` (e.g. `\"0-4\"`). With a range the pool starts MIN "
+            "workers, adds one while requests wait and no worker is free, up to "
+            "MAX, and stops workers idle for `idle_timeout`, down to MIN; with "
+            "MIN 0 the app costs no process until a request comes. For an "
+            "engine with an `address`: how many connections corral keeps to "
+            "that server (a number only). See docs/restarts.md.", minimum=1),
+    Setting("app", "idle_timeout", "float", 60.0,
+            "With a `processes` range: seconds a worker above MIN may stay idle "
+            "before it is stopped.", minimum=0.1),
+    Setting("app", "behind_limit", "float", 0.25,
+            "With no worker free, a request may be sent to a busy `python` worker, "
+            "to begin the moment its current request ends (no gap while the front "
+            "reads that end and sends the next); this is how long, in seconds, the "
+            "current request may have run already for that. A request sent behind "
+            "is taken back for any worker that frees up first, so it never runs "
+            "twice and never waits on a slow one. 0: never send behind.", minimum=0),
+    Setting("app", "spawn_mode", "choice", "direct",
+            "How `python` workers start: `direct`, a fresh interpreter each that "
+            "imports the app; or `preload`, where one preloader process per "
+            "generation imports the app and forks the workers (faster spawns, "
+            "shared memory; Django's database connections are closed in each "
+            "forked worker). See docs/restarts.md.", choices=("direct", "preload")),
     Setting("app", "engine", "str", BUILTIN_ENGINE,
             "The engine the workers run: `python` (corral's own WSGI worker, "
             "serving `wsgi`) or the NAME of an `[engines.NAME]` table."),
@@ -111,6 +132,20 @@ SETTINGS: tuple[Setting, ...] = (
             "Recycle a worker that has lived this many seconds (0: never); "
             "checked after each request and every second while it is idle.",
             minimum=0),
+    Setting("app", "user", "str", None,
+            "When corral runs as root: the user the workers and the deploy step "
+            "run as (default: the owner of the app folder). Never root unless "
+            "`corral serve --allow-root`. When corral does not run as root, only "
+            "its own user may be named. See docs/users.md."),
+    Setting("app", "group", "str", None,
+            "With `user`: the group they run as (default: the user's primary "
+            "group)."),
+    Setting("app", "watch", "globs", [],
+            "Restart the app (a new generation) when a file matching one of these "
+            "globs, relative to the app folder, changes, e.g. `[\"**/*.py\", "
+            "\"templates/**/*.html\"]`. `**` spans folders. Changes close together "
+            "(a `git pull`) make one restart; .git, .venv, __pycache__ and the "
+            "logs are never watched. See docs/restarts.md."),
     # [engines.NAME]
     Setting("engines", "command", "command", None,
             "The FastCGI program and its arguments, e.g. `[\"php-cgi\"]`, found on "
@@ -179,6 +214,10 @@ SETTINGS: tuple[Setting, ...] = (
             "request_id, method, target, protocol, status, bytes, referer, user_agent, "
             "worker_pid, queue_ms (waiting for a worker), app_ms and total_ms.",
             choices=("combined", "json")),
+    Setting("server", "metrics", "str", None,
+            "Where Prometheus metrics are served at `/metrics`: `HOST:PORT` (e.g. "
+            "`\"127.0.0.1:9108\"`) or `unix:PATH`, a listener of its own. Off by "
+            "default. See docs/metrics.md."),
     Setting("server", "max_body", "int", 100 * 1024 * 1024,
             "Largest request body in bytes; larger ones get 413.", minimum=0),
     Setting("server", "max_header", "int", 64 * 1024,
@@ -242,7 +281,8 @@ def markdown() -> str:
             if s.section == section:
                 default = "(none)" if s.default is None else f"`{s.default!r}`"
                 flag = f" Command line: `{s.cli}`." if s.cli else ""
-                kind = " or ".join(f"`{c}`" for c in s.choices) or s.kind
+                kind = (" or ".join(f"`{c}`" for c in s.choices)
+                        or {"processes": 'int or `"MIN-MAX"`'}.get(s.kind, s.kind))
                 out.append(f"| `{s.key}` | {kind} | {default} | {s.help}{flag} |")
         out.append("")
     return "\n".join(out)

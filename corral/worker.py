@@ -1,5 +1,6 @@
 """The built-in `python` engine: one FastCGI application-side loop hosting one
-WSGI callable, a request at a time (PEP 3333, FastCGI responder role).
+WSGI callable, a request at a time (PEP 3333, FastCGI responder role); and,
+with `--preload`, the preloader that imports the app once and forks workers.
 
 The pool starts it with its listening socket on file descriptor 0, as the
 FastCGI specification describes; `--bind` makes it listen by itself, for use
@@ -10,7 +11,10 @@ front: it turns FastCGI params into an environ and a WSGI response into STDOUT.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import fcntl
+import gc
 import importlib
 import os
 import selectors
@@ -297,14 +301,46 @@ def build_environ(params: list[tuple[bytes, bytes]], body, body_size: int,
     return environ
 
 
+VALUES = {
+    b"FCGI_MAX_CONNS": b"1",
+    b"FCGI_MAX_REQS": b"1",
+    b"FCGI_MPXS_CONNS": b"0",
+}
+# The param by which corral's front marks a request it sent ahead to a busy
+# worker, to be run after the one in flight.  Each such request has a byte
+# lock, at its request id's offset in the worker's claim file (a deleted
+# temporary file, which the front opens through /proc; its path is the
+# worker's answer to QUEUE_VALUE).  The worker takes the lock before it runs
+# the request; the front takes it to send the request to another worker
+# instead.  Whoever takes it first has it, so no request runs twice.
+CLAIM_PARAM = b"CORRAL_CLAIM"
+
+
+def make_claim_file() -> tuple[int, bytes] | None:
+    """The claim file's descriptor and the path the front opens it by."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="corral-claim-")
+    except OSError as exc:
+        log(f"no claim file ({exc.strerror}): requests are not queued behind others")
+        return None
+    os.unlink(path)
+    return fd, f"/proc/{os.getpid()}/fd/{fd}".encode()
+
+
 class Peer:
     """One connection from the web server, and the request arriving on it."""
 
     __slots__ = ("sock", "codec", "body", "body_size", "params")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, claim_path: bytes | None) -> None:
         self.sock = sock
-        self.codec = fastcgi.AppConnection()
+        # A request that comes while another runs is held and served after
+        # it, for a web server that asks for that (corral's front does).
+        if claim_path is None:
+            self.codec = fastcgi.AppConnection(VALUES)
+        else:
+            self.codec = fastcgi.AppConnection({**VALUES, fastcgi.QUEUE_VALUE: claim_path},
+                                               queue_requests=True)
         self.body = None  # the request body being received, spooled past a size
         self.body_size = 0
         self.params: list[tuple[bytes, bytes]] | None = None
@@ -323,6 +359,7 @@ class Worker:
         self.mount = mount.rstrip("/")
         self.busy = False
         self.stopping = False
+        self.claim_file: tuple | None = None  # (fd, path), made with the first connection
 
     # Signals: SIGTERM asks for a graceful exit.  Between requests we leave at
     # once; during one (from its BEGIN_REQUEST on), after its response is sent.
@@ -364,7 +401,9 @@ class Worker:
         selector.register(listener, selectors.EVENT_READ)
         peers: list[Peer] = []
         try:
-            while not self.stopping:
+            # A SIGTERM that lands in select() may end the wait with nothing
+            # ready; only a stop with no request begun ends the loop.
+            while not (self.stopping and not self.busy):
                 for key, _ in selector.select():
                     if key.fileobj is listener:
                         try:
@@ -372,7 +411,9 @@ class Worker:
                         except (BlockingIOError, InterruptedError):
                             continue
                         sock.setblocking(True)
-                        peer = Peer(sock)
+                        if self.claim_file is None:
+                            self.claim_file = make_claim_file() or (None, None)
+                        peer = Peer(sock, self.claim_file[1])
                         peers.append(peer)
                         selector.register(sock, selectors.EVENT_READ, peer)
                         continue
@@ -415,7 +456,7 @@ class Worker:
         answer = connection.data_to_send()
         if answer:
             conn.sendall(answer)
-        for event in events:
+        for index, event in enumerate(events):  # grows by the requests held behind
             kind = type(event)
             if kind is Stdin:
                 if peer.body is None:
@@ -430,14 +471,27 @@ class Worker:
                     raise fastcgi.ProtocolError("STDIN ended before the PARAMS stream")
                 body, peer.body = peer.body, None
                 body.seek(0)
+                params = peer.params
+                claim = None
+                if params and params[0][0] == CLAIM_PARAM:
+                    claim, params = params[0][1], params[1:]
+                rid = connection.request_id
                 try:
-                    if not self.run_request(conn, connection, peer.params, body,
-                                            peer.body_size):
+                    if any(type(later) is AbortRequest and later.request_id == rid
+                           for later in events[index + 1:]):
+                        # Given up on while it waited behind another: never run.
+                        conn.sendall(connection.finish())
+                    elif claim is not None and not self.claim(rid):
+                        # Sent ahead to us, then taken back for another worker.
+                        conn.sendall(connection.finish())
+                    elif not self.run_request(conn, connection, params, body,
+                                              peer.body_size):
                         return False  # the response was cut short: drop the connection
                 finally:
                     body.close()  # a spooled body's temporary file goes now
                 if not connection.keep_conn or self.stopping:
                     return False
+                events.extend(connection.resume())  # a request held behind this one
             elif kind is Params:
                 peer.params = event.params
             elif kind is BeginRequest:
@@ -455,6 +509,23 @@ class Worker:
                 peer.body = None
                 if not connection.keep_conn:
                     return False
+        return True
+
+    def claim(self, rid: int) -> bool:
+        """Take the byte lock of a request sent behind another (at its id's
+        offset); False if the front has it.  We keep it until we begin one
+        with the other id: the front may still try to take this request
+        back until it has read its end, and it sends the next one with the
+        other id only after that.  So our lock on the other id goes now."""
+        fd = self.claim_file[0] if self.claim_file else None
+        if fd is None:
+            return True  # we offered no queueing: the mark means nothing here
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, rid)
+        except OSError:
+            return False
+        with contextlib.suppress(OSError):
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, 3 - rid)
         return True
 
     def run_request(self, conn, connection, params, body, body_size: int) -> bool:
@@ -597,6 +668,10 @@ def main(argv=None) -> int:
                         "instead of on file descriptor 0")
     parser.add_argument("--parent", type=int, metavar="PID",
                         help="exit when this process (the one that started us) dies")
+    parser.add_argument("--preload", type=int, metavar="FD",
+                        help="be a preloader: import the app once, then fork a worker "
+                        "for each listening socket the supervisor sends on the "
+                        "SOCK_SEQPACKET socket FD (see corral/preload.py)")
     args = parser.parse_args(argv)
     if args.parent:
         die_with_parent(args.parent)
@@ -608,19 +683,152 @@ def main(argv=None) -> int:
     except AppLoadError as exc:
         log(f"cannot load the app {args.app!r}: {exc}")
         return EXIT_APP_LOAD_ERROR
-    listener = make_listener(args.bind)
-    worker = Worker(app, args.mount)
+    if args.preload is not None:
+        return Preloader(app, args.mount, socket.socket(fileno=args.preload)).run()
+    return serve(app, args.mount, make_listener(args.bind), args.bind)
+
+
+def serve(app, mount: str, listener: socket.socket, bind: str | None = None) -> int:
+    """Be a worker on `listener` until asked to stop; the exit status."""
+    worker = Worker(app, mount)
     signal.signal(signal.SIGTERM, worker.handle_sigterm)
     signal.signal(signal.SIGUSR1, worker.handle_timeout)
-    if args.bind:
+    if bind:
         # Last, as the readiness line: a SIGTERM sent as soon as it is seen
         # must find our handler, not the default action.
-        log(f"listening on {bound_address(listener, args.bind)}")
+        log(f"listening on {bound_address(listener, bind)}")
     try:
         worker.serve_forever(listener)
     except SystemExit as exc:
         return exc.code or EXIT_OK
     return EXIT_OK
+
+
+def close_connections() -> None:
+    """Close the database connections the app opened (Django's, if loaded).
+
+    The preloader calls it before it forks and each forked worker after:
+    a connection left open would be one socket shared by several processes,
+    whose queries and answers interleave on the wire."""
+    db = sys.modules.get("django.db")
+    if db is not None:
+        db.connections.close_all()
+
+
+class Preloader:
+    """The app imported once; a worker forked from it per request of the
+    supervisor, which holds the other end of `control` (SOCK_SEQPACKET, one
+    message a datagram):
+
+        supervisor -> preloader  b"fork" with the listening socket (SCM_RIGHTS)
+        preloader -> supervisor  b"ready" once, after the import
+                                 b"forked PID" with a pidfd of the worker
+                                 b"exit PID STATUS" when a worker has exited
+                                 (STATUS as asyncio gives it: -N for signal N)
+
+    The preloader is the workers' parent, so it alone can reap them and know
+    their exit statuses; it passes each one on at once.  The pidfd lets the
+    supervisor signal a worker without any risk of pid reuse and see it exit
+    if the preloader dies.  A worker dies with the preloader (PDEATHSIG: it
+    finishes its request, then leaves), which dies with the supervisor.
+    When the supervisor shuts its side for writing, the preloader forks no
+    more, reports the exits of the workers it has left, and exits."""
+
+    def __init__(self, app, mount: str, control: socket.socket) -> None:
+        self.app = app
+        self.mount = mount
+        self.control = control
+        self.children: set[int] = set()
+
+    def run(self) -> int:
+        close_connections()
+        # Whatever the import made lives in memory the workers share with
+        # us page by page; keep the collector from touching (and so copying)
+        # those pages in every worker.
+        gc.freeze()
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno())
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # only to wake us
+        selector = selectors.DefaultSelector()
+        selector.register(self.control, selectors.EVENT_READ)
+        selector.register(wake_r, selectors.EVENT_READ)
+        closing = False
+        try:
+            self.control.send(b"ready")
+            while not closing or self.children:
+                for key, _ in selector.select():
+                    if key.fileobj is wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            while wake_r.recv(512):
+                                pass
+                        self.reap()
+                        continue
+                    message, fds, _, _ = socket.recv_fds(self.control, 64, 1)
+                    if not message:  # the supervisor is done with us
+                        closing = True
+                        selector.unregister(self.control)
+                        continue
+                    if message == b"fork" and fds:
+                        self.fork(fds[0], (self.control, wake_r, wake_w, selector))
+                    for fd in fds:
+                        os.close(fd)
+                self.reap()  # a SIGCHLD may have come before the wakeup fd was read
+        except OSError as exc:  # the supervisor is gone: our workers follow us
+            log(f"preloader: the supervisor is gone ({exc}): exiting")
+            return EXIT_OK
+        return EXIT_OK
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            self.control.send(f"exit {pid} {os.waitstatus_to_exitcode(status)}".encode())
+
+    def fork(self, listen_fd: int, ours: tuple) -> None:
+        preloader = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            self.become_worker(preloader, listen_fd, ours)  # never returns
+        self.children.add(pid)
+        # Open before we could reap it, so the pidfd is this process's.
+        pidfd = os.pidfd_open(pid)
+        try:
+            socket.send_fds(self.control, [f"forked {pid}".encode()], [pidfd])
+        finally:
+            os.close(pidfd)
+
+    def become_worker(self, preloader: int, listen_fd: int, ours: tuple) -> NoReturn:
+        code = 1
+        try:
+            os.setsid()  # a process group of its own, as a direct worker has
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for thing in ours:
+                thing.close()
+            die_with_parent(preloader)
+            # Post-fork step: nothing the app opened before the fork may be
+            # shared with the preloader or a sibling.
+            close_connections()
+            os.dup2(listen_fd, 0)  # where a FastCGI worker finds its socket
+            os.close(listen_fd)
+            code = serve(self.app, self.mount, socket.socket(fileno=0))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            log(f"worker failed:\n{traceback.format_exc().rstrip()}")
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
 
 
 if __name__ == "__main__":

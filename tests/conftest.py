@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.harness import APPS, SAMPLE, ServerProcess, copy_app
+
+# The suite runs as root in CI, on app folders root owns: without this every
+# `corral serve` would refuse to run workers as root (tests/test_users.py
+# checks the refusal and the switch to a real user without it).
+os.environ["CORRAL_ALLOW_ROOT"] = "1"
 
 
 @pytest.fixture(scope="module")

@@ -245,6 +245,7 @@ class FastCGIClient:
         self.sock.settimeout(15)
         self.sock.connect(str(address) if family == socket.AF_UNIX else address)
         self.codec = fastcgi.ServerConnection()
+        self.held: list = []  # events read past the end of the response asked for
 
     def close(self) -> None:
         self.sock.close()
@@ -254,6 +255,9 @@ class FastCGIClient:
 
     def events(self) -> list:
         """Events from one or more reads, at least one event."""
+        if self.held:
+            events, self.held = self.held, []
+            return events
         while True:
             data = self.sock.recv(65536)
             if not data:
@@ -274,14 +278,21 @@ class FastCGIClient:
         return self.read_response(request_id)
 
     def read_response(self, request_id: int = 1):
+        """(stdout, stderr, end) of request `request_id`; another request's
+        records read meanwhile are kept for the next call."""
         stdout, stderr = bytearray(), bytearray()
+        others = []
         while True:
-            for event in self.events():
-                if isinstance(event, fastcgi.Stdout):
+            events = self.events()
+            for index, event in enumerate(events):
+                if getattr(event, "request_id", request_id) != request_id:
+                    others.append(event)
+                elif isinstance(event, fastcgi.Stdout):
                     stdout += event.data
                 elif isinstance(event, fastcgi.Stderr):
                     stderr += event.data
                 elif isinstance(event, fastcgi.EndRequest):
+                    self.held = others + events[index + 1:] + self.held
                     return bytes(stdout), bytes(stderr), event
 
 

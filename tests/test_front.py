@@ -403,3 +403,28 @@ def test_header_timeout_closes_a_slow_head(tmp_path):
         assert request(server.port, b"GET /pid HTTP/1.1\r\nHost: a\r\n\r\n")[0] == 200
     finally:
         server.stop()
+
+
+# -- the worker's CGI response head, as the front reads it back -----------------
+
+@pytest.mark.parametrize("head, expected", [
+    (b"Status: 404 Nope\r\nX-A:  b  \r\nContent-Type:text/html",
+     (404, b"Nope", [(b"X-A", b"b"), (b"Content-Type", b"text/html")])),
+    (b"Location: /x", (302, b"Found", [(b"Location", b"/x")])),
+    (b"X: a\tb\nY:", (200, b"OK", [(b"X", b"a\tb"), (b"Y", b"")])),
+    (b"Content-Length: 5\r\nContent-Length: 5", (200, b"OK", [(b"Content-Length", b"5")])),
+])
+def test_a_worker_response_head_is_parsed(head, expected):
+    from corral.front.upstream import parse_cgi_head
+    assert parse_cgi_head(head) == expected
+
+
+@pytest.mark.parametrize("head", [
+    b"X a", b": v", b"X: a\rb", b"X\x00: v", b"X: \x7f", b"X y: z", b"Status: 99",
+    b"Status: 2000 Big", b"Content-Length: 5\r\nContent-Length: 6", b"Content-Length: x",
+])
+def test_an_unsafe_worker_response_head_is_refused(head):
+    from corral.front.errors import GatewayError
+    from corral.front.upstream import parse_cgi_head
+    with pytest.raises(GatewayError):
+        parse_cgi_head(head)

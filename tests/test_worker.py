@@ -9,8 +9,10 @@ stop(), which joins the log reader: the whole log is in by then.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import random
 import shutil
 import signal
@@ -724,3 +726,65 @@ def test_unimportable_app_exits_with_app_load_error_naming_the_module(spawn):
     proc = spawn("no_such_module_here:application", ready=False)
     assert proc.proc.wait(30) == engine.EXIT_APP_LOAD_ERROR
     assert "no_such_module_here" in proc.stop()
+
+
+# -- requests held behind the one in flight (corral's front asks for this) ------
+
+def behind_bytes(uri: str, request_id: int) -> bytes:
+    """A request marked as sent behind another, as corral's front sends it."""
+    params = [(b"CORRAL_CLAIM", b"1")] + [
+        (k.encode(), v.encode()) for k, v in cgi_params("GET", uri).items()]
+    return (ServerConnection.begin_request(request_id, params)
+            + ServerConnection.stdin(request_id, b""))
+
+
+def claim_path(client: FastCGIClient) -> bytes:
+    client.send(ServerConnection.get_values([fastcgi.QUEUE_VALUE]))
+    [result] = client.events()
+    path = result.values[fastcgi.QUEUE_VALUE]
+    assert path.startswith(b"/proc/")
+    return path
+
+
+def test_a_request_behind_the_one_in_flight_is_served_after_it(worker, tmp_path):
+    client = FastCGIClient(worker.path)
+    claim_path(client)
+    client.send(request_bytes("/slow?0.3") + behind_bytes("/echo/second", 2))
+    first, _, end1 = client.read_response(1)
+    second, _, end2 = client.read_response(2)
+    assert parse(first).body == b"slept 0.3\n"
+    seen = json.loads(parse(second).body)
+    assert seen["PATH_INFO"] == "/echo/second"
+    assert "HTTP_CORRAL_CLAIM" not in seen and "CORRAL_CLAIM" not in seen
+    client.close()
+
+
+def test_a_request_taken_back_by_the_front_is_ended_without_running(worker):
+    client = FastCGIClient(worker.path)
+    claim = os.open(claim_path(client), os.O_RDWR)
+    try:
+        fcntl.lockf(claim, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 2)  # as the front takes it back
+        client.send(request_bytes("/slow?0.2") + behind_bytes("/pid", 2))
+        client.read_response(1)
+        stdout, _, end = client.read_response(2)
+        assert (stdout, end.protocol_status) == (b"", ProtocolStatus.REQUEST_COMPLETE)
+        # Once the worker has begun a request from behind, the front cannot
+        # take it: its byte stays locked until one with the other id begins.
+        client.send(request_bytes("/slow?0.2", request_id=2) + behind_bytes("/pid", 1))
+        client.read_response(2)
+        stdout, _, _ = client.read_response(1)
+        assert parse(stdout).status == 200
+        with pytest.raises(OSError):
+            fcntl.lockf(claim, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1)
+    finally:
+        os.close(claim)
+    client.close()
+
+
+def test_a_worker_not_asked_to_hold_requests_refuses_a_second_one(worker):
+    client = FastCGIClient(worker.path)
+    client.send(request_bytes("/slow?0.2") + behind_bytes("/pid", 2))
+    [end] = [e for e in client.events() if isinstance(e, fastcgi.EndRequest)]
+    assert (end.request_id, end.protocol_status) == (2, ProtocolStatus.CANT_MPX_CONN)
+    client.read_response(1)
+    client.close()

@@ -242,6 +242,14 @@ class Exchange:
             self.body.seek(0)
         self.conn.front.to_pool(self, self.params, self.body)
 
+    def upstream_resend(self) -> None:
+        """Sent behind another request on a worker that went away before
+        beginning it: to another worker, whatever the method."""
+        if self.lost:
+            return
+        self.link = None
+        self.conn.front.to_pool(self, self.params, self.body)
+
     # -- endings ---------------------------------------------------------------
 
     def end(self) -> None:
@@ -257,13 +265,13 @@ class Exchange:
         if self.done:
             return
         if self.link is not None:
-            self.link.abort()  # the worker stops; its link stays busy until END_REQUEST
+            self.link.abort(self)  # the worker stops; its link stays busy until END_REQUEST
         self.end()
 
     def abandon(self) -> None:
         """The web server's connection is gone."""
         if self.link is not None:
-            self.link.abort()
+            self.link.abort(self)
         self.done = True
         self.link = None
         self.close_body()

@@ -83,7 +83,7 @@ class Request:
     """One parsed request, as the router and the handlers see it."""
 
     __slots__ = ("method", "target", "version", "headers", "body", "body_size",
-                 "keep_alive", "host", "path", "query", "chunked", "started",
+                 "keep_alive", "host", "path", "query", "chunked",
                  "expect_continue", "content_length", "head_size", "status",
                  "sent", "worker_pid", "error", "retried", "in_trailers",
                  "request_id", "routed", "attached")
@@ -98,7 +98,6 @@ class Request:
         self.content_length: int | None = None
         self.head_size = 0
         self.host = b""
-        self.started = time.time()
         self.status = 0
         self.sent = 0
         self.worker_pid = None
@@ -123,7 +122,8 @@ class HttpConnection(asyncio.Protocol):
     __slots__ = ("server", "limits", "transport", "parser", "request", "current", "pipeline",
                  "peer", "closing", "lost", "eof", "linger_left", "line_open",
                  "continue_due", "link", "keep_alive", "chunked_response", "body_expected",
-                 "remaining", "deadline", "timer", "timer_kind", "_drained")
+                 "remaining", "deadline", "timer", "timer_kind", "_drained", "loop",
+                 "cgi")
 
     def __init__(self, server) -> None:
         self.server = server  # corral.front.server.Front: limits, router, logs
@@ -149,11 +149,14 @@ class HttpConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.timer_kind = ""
         self._drained: asyncio.Future | None = None
+        self.loop = None  # the running loop, looked up once
+        self.cgi = None  # what the params of every request on it share (Front.params)
 
     # -- asyncio callbacks ---------------------------------------------------
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
@@ -167,7 +170,7 @@ class HttpConnection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         if self.link is not None:
-            self.link.abort()
+            self.link.abort(self)
             self.link = None
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
@@ -272,7 +275,7 @@ class HttpConnection(asyncio.Protocol):
         nothing (the timer re-checks when it fires); only a deadline earlier
         than the pending timer's needs a new timer."""
         self.timer_kind = kind
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self.deadline = loop.time() + seconds
         if self.timer is not None and self.timer.when() > self.deadline:
             self.timer.cancel()
@@ -287,7 +290,7 @@ class HttpConnection(asyncio.Protocol):
         self.timer = None
         if self.lost or not self.timer_kind:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if loop.time() < self.deadline:
             self.timer = loop.call_at(self.deadline, self._on_timer)
             return
@@ -684,6 +687,15 @@ class HttpConnection(asyncio.Protocol):
                     request.method.decode("latin-1"), request.target.decode("latin-1"))
         if request.body is not None and not isinstance(request.body, bytearray):
             request.body.seek(0)
+        self.server.dispatch(self, request)
+
+    def upstream_resend(self) -> None:
+        """The request was sent behind another on a worker that went away
+        before beginning it: it goes to another worker, whatever its method."""
+        request = self.current
+        if self.lost or request is None:
+            return
+        self.link = None
         self.server.dispatch(self, request)
 
     def upstream_failed(self, error: GatewayError) -> None:

@@ -25,6 +25,7 @@ from corral.front.errors import HTTPError
 from corral.front.fcgi_listener import FastCGIListenerConnection
 from corral.front.http import HttpConnection, Request
 from corral.front.static import StaticMapping
+from corral.front.upstream import BEHIND_BODY
 
 log = logging.getLogger("corral.error")
 
@@ -161,8 +162,16 @@ def forwarded_client(value: bytes, trusted) -> bytes:
     return b""
 
 
+_CGI_NAMES: dict[bytes, bytes] = {}  # field name as sent -> its CGI name
+
+
 def _cgi_name(name: bytes) -> bytes:
-    return b"HTTP_" + name.upper().replace(b"-", b"_")
+    key = _CGI_NAMES.get(name)
+    if key is None:
+        key = b"HTTP_" + name.upper().replace(b"-", b"_")
+        if len(_CGI_NAMES) < 1024:  # the usual few hundred spellings; not every odd one
+            _CGI_NAMES[name] = key
+    return key
 
 
 BACKLOG = 1024
@@ -321,12 +330,17 @@ class Front:
     def request_id(self, request: Request) -> str:
         """The client's (or its proxy's) X-Request-ID when it is a sane token,
         else one of ours, which the app then sees as HTTP_X_REQUEST_ID."""
+        given = False
         for name, value in request.headers:
-            if name.lower() == b"x-request-id" and _REQUEST_ID.fullmatch(value):
-                return value.decode("latin-1")
+            if len(name) == 12 and name.lower() == b"x-request-id":
+                if _REQUEST_ID.fullmatch(value):
+                    return value.decode("latin-1")
+                given = True
         self.id_count += 1
         new = b"%s-%x" % (self.id_prefix, self.id_count)
-        request.headers = [(n, v) for n, v in request.headers if n.lower() != b"x-request-id"]
+        if given:  # not a sane token: replaced by ours
+            request.headers = [(n, v) for n, v in request.headers
+                               if n.lower() != b"x-request-id"]
         request.headers.append((b"X-Request-ID", new))
         return new.decode("latin-1")
 
@@ -357,14 +371,15 @@ class Front:
 
     def params(self, conn: HttpConnection, request: Request) -> list[tuple[bytes, bytes]]:
         """The CGI/FastCGI params for `request` (RFC 3875 4.1)."""
+        cgi = conn.cgi
+        if cgi is None:
+            cgi = conn.cgi = self.connection_params(conn)
+        local_port, remote_addr, remote_port, https, proxied = cgi
         host = request.host
         if host.rfind(b":") > host.rfind(b"]"):  # a port, not part of an IPv6 literal
             server_name, _, server_port = host.rpartition(b":")
         else:
-            server_name, server_port = host, b""
-        local = conn.transport.get_extra_info("sockname")
-        if not server_port:
-            server_port = str(local[1]).encode() if isinstance(local, tuple) else b"80"
+            server_name, server_port = host, local_port
         params = [
             (b"GATEWAY_INTERFACE", b"CGI/1.1"),
             (b"SERVER_SOFTWARE", b"corral"),
@@ -376,13 +391,10 @@ class Front:
             *self.pool.script_params(request.path),
             (b"SERVER_PROTOCOL", b"HTTP/" + request.version.encode()),
             (b"SERVER_NAME", server_name or b"localhost"),
-            (b"SERVER_PORT", server_port),
-            (b"REMOTE_ADDR", str(conn.peer[0]).encode()),
-            (b"REMOTE_PORT", str(conn.peer[1]).encode()),
+            (b"SERVER_PORT", server_port or local_port),
+            (b"REMOTE_ADDR", remote_addr),
+            (b"REMOTE_PORT", remote_port),
         ]
-        https = conn.transport.get_extra_info("ssl_object") is not None
-        trusted = self.limits.get("trusted_proxies") or ()
-        proxied = str(conn.peer[0]) in trusted
         if request.body_size or request.content_length is not None or request.chunked:
             params.append((b"CONTENT_LENGTH", b"%d" % request.body_size))
         seen: dict[bytes, int] = {}
@@ -401,7 +413,7 @@ class Front:
                 if lower == b"x-forwarded-proto":
                     https = value.strip().lower() == b"https"
                 else:
-                    client = forwarded_client(value, trusted)
+                    client = forwarded_client(value, self.limits["trusted_proxies"])
                     if client:
                         params = [(k, client if k == b"REMOTE_ADDR" else v)
                                   for k, v in params]
@@ -417,6 +429,17 @@ class Front:
             params += [(b"HTTPS", b"on"), (b"REQUEST_SCHEME", b"https")]
         return params
 
+    def connection_params(self, conn: HttpConnection) -> tuple:
+        """The part of the params that is the same for every request of a
+        connection: the local port (for a Host without one), the client's
+        address and port, TLS, and whether the client is a trusted proxy."""
+        local = conn.transport.get_extra_info("sockname")
+        local_port = str(local[1]).encode() if isinstance(local, tuple) else b"80"
+        https = conn.transport.get_extra_info("ssl_object") is not None
+        proxied = str(conn.peer[0]) in (self.limits.get("trusted_proxies") or ())
+        return (local_port, str(conn.peer[0]).encode(), str(conn.peer[1]).encode(),
+                https, proxied)
+
     def dispatch(self, conn: HttpConnection, request: Request) -> None:
         body = request.body if request.body is not None else b""
         self.to_pool(conn, self.params(conn, request), body)
@@ -430,6 +453,10 @@ class Front:
         through respond_error().
         """
         link = self.pool.acquire_nowait()
+        # A small body may go behind a busy worker's request (see Link).
+        behind_ok = isinstance(body, (bytes, bytearray)) and len(body) <= BEHIND_BODY
+        if link is None and behind_ok:
+            link = self.pool.acquire_behind()
         if link is not None:
             handler.attach(link)
             link.start(params, body, handler)
@@ -447,10 +474,11 @@ class Front:
             handler.attach(link)
             link.start(params, body, handler)
 
-        self.pool.wait_for_link(granted)
+        self.pool.wait_for_link(granted, behind_ok)
 
     def log_access(self, conn: HttpConnection, request: Request) -> None:
         self.access.write(conn, request)
+        self.pool.metrics.request(request.status, request.routed, request.attached)
         # 501 and 505 are the client's doing, 503 is logged where it is decided.
         if request.status >= 500 and request.status not in (501, 503, 505):
             log.error("%s for %s %s (worker pid %s): %s", request.status,

@@ -1,6 +1,7 @@
 """The front's side of FastCGI: one kept connection (a link) to one worker.
 
-A link carries one request at a time.  It encodes the request with the codec,
+A link carries one request at a time, and to corral's own workers one more,
+sent behind it (see Link.start).  It encodes the requests with the codec,
 turns the worker's STDOUT back into a status, checked headers and body, and
 hands them to the request's handler.  A worker that breaks the protocol or
 sends an unsafe head costs that request a 502, never the front.
@@ -9,24 +10,36 @@ sends an unsafe head costs that request a 502, never the front.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
+import re
 import socket
 import time
 
 from corral import fastcgi
-from corral.fastcgi import EndRequest, ServerConnection, Stderr, Stdout, ValuesResult
+from corral.fastcgi import (
+    QUEUE_VALUE,
+    EndRequest,
+    ServerConnection,
+    Stderr,
+    Stdout,
+    ValuesResult,
+)
 from corral.front.errors import GatewayError
 
 log = logging.getLogger("corral.error")
 
 MAX_HEAD = 64 * 1024  # largest CGI response head accepted from a worker
+BEHIND_BODY = 64 * 1024  # larger bodies wait for a free worker instead
 BODY_PIECE = 1 << 16  # request bodies from a spool file go out in pieces this big
-REQUEST_ID = 1  # one request per connection at a time: the id never varies
+REQUEST_ID = 1  # the first request's id; one sent behind it gets the other (2)
+CLAIM_PARAM = b"CORRAL_CLAIM"  # marks a request sent behind another (see corral.worker)
 
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789"
-                   b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-_CONTROLS = bytes(i for i in range(32) if i != 9) + b"\x7f"
+# One response header line: a token, a colon, and a value without control
+# bytes (a tab is allowed), the whitespace around the value not part of it.
+_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*"
+                          rb"([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\r?")
 
 
 def parse_cgi_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
@@ -39,16 +52,17 @@ def parse_cgi_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     headers = []
     has_status = False
     location = False
+    match = _HEADER_LINE.fullmatch
     for line in head.split(b"\n"):
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if not line:
+        if not line or line == b"\r":
             continue
-        name, sep, value = line.partition(b":")
-        value = value.strip(b" \t")
-        if (not sep or not name or not _TOKEN.issuperset(name)
-                or value.translate(None, _CONTROLS) != value):
+        checked = match(line)
+        if checked is None:
             raise GatewayError(f"worker sent an invalid response header line {line[:80]!r}")
+        name, value = checked.groups()
+        if len(name) not in (6, 8, 14):  # none of the names looked at below
+            headers.append((name, value))
+            continue
         lower = name.lower()
         if lower == b"status":
             code, _, reason = value.partition(b" ")
@@ -71,8 +85,37 @@ def parse_cgi_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     return status, reason, headers
 
 
+class Behind:
+    """A request sent to a busy worker, to run after the one it serves."""
+
+    __slots__ = ("handler", "rid", "claim", "params", "body", "sent_at", "taken")
+
+    def __init__(self, handler, rid: int, params, body: bytes) -> None:
+        self.handler = handler
+        self.rid = rid
+        # Its byte in the worker's claim file, at the request id's offset.
+        # The worker holds the byte of the last request it began from behind
+        # until it begins one with the other id, which we send only after we
+        # have read this one's end: so a request the worker has begun, even
+        # one whose end we have not read yet, can never be taken back.
+        self.claim = rid
+        self.params, self.body = params, body  # kept, to send it elsewhere instead
+        self.sent_at = time.monotonic()
+        self.taken = False  # taken back for another worker: this one will skip it
+
+
 class Link(asyncio.Protocol):
-    """A kept FastCGI connection to one worker, free or serving one request."""
+    """A kept FastCGI connection to one worker, free or serving one request
+    (and, to one of corral's own workers, maybe one more behind it).
+
+    Why one behind: a worker that finishes a request would otherwise wait,
+    idle, until the front has read the end and sent the next; under load
+    that gap is a large share of each request.  A request sent behind is
+    read by the worker the moment it is free.  It may be taken back while it
+    has not started (a byte lock in the worker's claim file decides, so it
+    never runs twice) and sent to a worker that became free first, so a
+    slow request never holds up the one behind it.
+    """
 
     def __init__(self, worker, on_lost) -> None:
         self.worker = worker  # the pool's record of the process (pid, ...)
@@ -85,6 +128,9 @@ class Link(asyncio.Protocol):
         self.head_done = False
         self.answered = False  # the worker sent anything for the current request
         self.sent_at = 0.0  # when the current request was sent (monotonic)
+        self.rid = REQUEST_ID  # the current request's id
+        self.behind: Behind | None = None
+        self.claim_fd: int | None = None  # the worker's claim file: it takes requests behind
         self.closed = False
         self._drained: asyncio.Future | None = None
         self._probe: socket.socket | None = None
@@ -99,13 +145,16 @@ class Link(asyncio.Protocol):
             self._probe = socket.socket(fileno=os.dup(sock.fileno()))
         # The worker answers GET_VALUES only once it has imported the app and
         # accepted us: that answer is its readiness signal.
-        transport.write(ServerConnection.get_values([b"FCGI_MPXS_CONNS"]))
+        transport.write(ServerConnection.get_values([b"FCGI_MPXS_CONNS", QUEUE_VALUE]))
 
     def connection_lost(self, exc) -> None:
         self.closed = True
         if self._probe is not None:
             self._probe.close()
             self._probe = None
+        if self.claim_fd is not None:
+            os.close(self.claim_fd)
+            self.claim_fd = None
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("worker closed the connection"))
             # Marked as seen: nobody may be waiting any more (the pool is
@@ -113,7 +162,12 @@ class Link(asyncio.Protocol):
             self.ready.exception()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
+        behind, self.behind = self.behind, None
         self.on_lost(self)
+        if behind is not None and not behind.taken:
+            # Not begun (it would be the current request by now): the worker
+            # cannot have acted on it, so it goes elsewhere, whatever its method.
+            behind.handler.upstream_resend()
 
     def pause_writing(self) -> None:
         self._drained = asyncio.get_running_loop().create_future()
@@ -129,42 +183,62 @@ class Link(asyncio.Protocol):
         except fastcgi.ProtocolError as exc:
             self.fail(GatewayError(f"worker broke the FastCGI protocol: {exc}"))
             return
+        self._handle(events)
+
+    def _handle(self, events: list) -> None:
         handler = self.handler
         if handler is not None and events:
             self.answered = True
         body = []
         started = False  # the head became complete in this batch
-        for event in events:
+        for index, event in enumerate(events):
             kind = type(event)
             if kind is Stdout:
-                if not event.data:
+                if not event.data or event.request_id != self.rid:
                     continue
                 if self.head_done:
                     body.append(event.data)
                     continue
-                self.head += event.data
-                end = self.head.find(b"\r\n\r\n")
+                # Usually the whole head comes in the first record: it is
+                # looked at where it lies, and only a split one is gathered.
+                if self.head:
+                    self.head += event.data
+                    data = bytes(self.head)
+                else:
+                    data = event.data
+                end = data.find(b"\r\n\r\n")
                 cut = 4
                 if end < 0:
-                    end, cut = self.head.find(b"\n\n"), 2
+                    end, cut = data.find(b"\n\n"), 2
                 if end < 0:
-                    if len(self.head) > MAX_HEAD:
+                    if len(data) > MAX_HEAD:
                         self.fail(GatewayError("worker sent a response head over 64 KiB"))
                         return
+                    if not self.head:
+                        self.head += data
                     continue
                 try:
-                    status = parse_cgi_head(bytes(self.head[:end]))
+                    status = parse_cgi_head(data[:end])
                 except GatewayError as exc:
                     self.fail(exc)
                     return
-                rest = bytes(self.head[end + cut:])
+                rest = data[end + cut:]
+                self.head.clear()
                 self.head_done, started = True, True
                 if rest:
                     body.append(rest)
             elif kind is EndRequest:
+                if event.request_id != self.rid:
+                    continue  # not ours (an answer to a request we never sent)
                 self.handler = None
                 if handler is None:
                     continue
+                if type(handler) is _Taken:
+                    self._unlock(handler.claim)  # the worker skipped it: the lock may go
+                    self.head.clear()
+                    self.head_done = False
+                    self._next(events[index + 1:])
+                    return
                 if type(handler) is _Discard:
                     log.info("worker pid %s ended an abandoned request; free again",
                              self.worker.pid)
@@ -179,13 +253,14 @@ class Link(asyncio.Protocol):
                     handler.upstream_end()
                 self.head.clear()
                 self.head_done = False
-                self.worker.request_done(self)
+                self._next(events[index + 1:])
                 return
             elif kind is Stderr:
                 text = event.data.decode("utf-8", "replace").rstrip()
                 if text:
                     log.warning("worker pid %s stderr: %s", self.worker.pid, text)
             elif kind is ValuesResult and not self.ready.done():
+                self._open_claim(event.values.get(QUEUE_VALUE))
                 self.ready.set_result(event.values)
         if handler is None:
             return
@@ -214,37 +289,120 @@ class Link(asyncio.Protocol):
             return False
 
     def start(self, params, body, handler) -> None:
-        """Send one request; `body` is bytes or a file positioned at its start."""
+        """Send one request; `body` is bytes or a file positioned at its start.
+        On a busy link (see can_take_behind) it goes behind the current one."""
+        if self.handler is not None:
+            self._send_behind(params, body, handler)
+            return
         self.handler = handler
         self.answered = False
         self.sent_at = time.monotonic()
         self.worker.request_started(self)  # arms [app] request_timeout
-        head = ServerConnection.begin_request(REQUEST_ID, params)
+        rid = self.rid
+        head = ServerConnection.begin_request(rid, params)
         if isinstance(body, (bytes, bytearray)):
             if body:
-                head += ServerConnection.stdin(REQUEST_ID, body)
-            self.transport.write(head + ServerConnection.stdin(REQUEST_ID, b""))
+                head += ServerConnection.stdin(rid, body)
+            self.transport.write(head + ServerConnection.stdin(rid, b""))
         else:
             self.transport.write(head)
-            asyncio.get_running_loop().create_task(self._send_file(body))
+            asyncio.get_running_loop().create_task(self._send_file(body, rid))
 
-    async def _send_file(self, body) -> None:
+    async def _send_file(self, body, rid: int) -> None:
         while not self.closed:
             piece = body.read(BODY_PIECE)
             if not piece:
-                self.transport.write(ServerConnection.stdin(REQUEST_ID, b""))
+                self.transport.write(ServerConnection.stdin(rid, b""))
                 return
-            self.transport.write(ServerConnection.stdin(REQUEST_ID, piece))
+            self.transport.write(ServerConnection.stdin(rid, piece))
             if self._drained is not None:
                 await self._drained
 
-    def abort(self) -> None:
+    def can_take_behind(self, now: float, limit: float) -> bool:
+        """Whether a request may be sent behind the current one: the worker
+        takes them, none is behind yet, and the current one has not run
+        `limit` seconds already ([app] behind_limit: past it, it looks slow,
+        and the next one is better off waiting for any worker)."""
+        return (self.claim_fd is not None and self.behind is None and not self.closed
+                and self.handler is not None and type(self.handler) is not _Discard
+                and now - self.sent_at < limit)
+
+    def _send_behind(self, params, body: bytes, handler) -> None:
+        rid = 3 - self.rid  # ids 1 and 2 take turns
+        self.behind = Behind(handler, rid, params, body)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("a request goes behind worker pid %s's current request", self.worker.pid)
+        out = ServerConnection.begin_request(rid, [(CLAIM_PARAM, b"1"), *params])
+        if body:
+            out += ServerConnection.stdin(rid, body)
+        self.transport.write(out + ServerConnection.stdin(rid, b""))
+
+    def take_back(self) -> Behind | None:
+        """The request behind the current one, if the worker has not begun
+        it: it is then ours to send elsewhere, and the worker will skip it."""
+        behind = self.behind
+        if (behind is None or behind.taken or self.claim_fd is None
+                or type(behind.handler) is _Discard):  # given up: the worker skips it
+            return None
+        try:
+            fcntl.lockf(self.claim_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, behind.claim)
+        except OSError:
+            return None  # the worker holds it: it runs now
+        behind.taken = True
+        return behind
+
+    def _unlock(self, claim: int) -> None:
+        if self.claim_fd is not None:
+            try:
+                fcntl.lockf(self.claim_fd, fcntl.LOCK_UN, 1, claim)
+            except OSError:
+                pass
+
+    def _next(self, later: list) -> None:
+        """The current request has ended: the one behind it, if any, is now
+        current (the worker has begun it, or will skip it if taken back);
+        `later` are the events read after the end, which are the new one's."""
+        behind, self.behind = self.behind, None
+        if behind is not None:
+            self.rid = behind.rid
+            self.handler = _Taken(behind.claim) if behind.taken else behind.handler
+            self.answered = False
+            self.sent_at = time.monotonic()
+        # The ended one's timer off, its count, recycling; then the pool
+        # gives the link more work (behind the new current) or idles it.
+        self.worker.request_done(self)
+        if behind is not None and not behind.taken:
+            self.worker.request_started(self)  # the new current's timer
+        if later and not self.closed:
+            self._handle(later)
+
+    def _open_claim(self, path: bytes | None) -> None:
+        if not path or not path.startswith(b"/proc/"):
+            return
+        try:
+            self.claim_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            log.info("worker pid %s: its claim file cannot be opened (%s); no requests "
+                     "are sent behind others to it", self.worker.pid, exc.strerror)
+
+    def abort(self, handler=None) -> None:
         """The client went away: ask the worker to stop; the link stays busy
-        until END_REQUEST, so a request never lands on a worker still at work."""
+        until END_REQUEST, so a request never lands on a worker still at work.
+        `handler`: the request that is given up (default: the current one)."""
+        behind = self.behind
+        if behind is not None and handler is not None and behind.handler is handler:
+            if not behind.taken and not self.closed:
+                log.info("client gone: dropping the request behind worker pid %s's "
+                         "current one", self.worker.pid)
+                behind.handler = _Discard()
+                self.transport.write(ServerConnection.abort_request(behind.rid))
+            return
+        if handler is not None and handler is not self.handler:
+            return  # already over, or taken back and sent elsewhere
         if self.handler is not None and not self.closed:
             log.info("client gone: asking worker pid %s to stop its request", self.worker.pid)
             self.handler = _Discard()
-            self.transport.write(ServerConnection.abort_request(REQUEST_ID))
+            self.transport.write(ServerConnection.abort_request(self.rid))
 
     def fail(self, error: GatewayError) -> None:
         """This connection cannot go on: fail its request and close it."""
@@ -252,6 +410,9 @@ class Link(asyncio.Protocol):
         log.error("worker pid %s: %s", self.worker.pid, error.reason)
         if handler is not None:
             handler.upstream_failed(error)
+        behind, self.behind = self.behind, None
+        if behind is not None and not behind.taken:
+            behind.handler.upstream_resend()  # never begun: safe to send elsewhere
         if self.transport is not None:
             self.transport.close()
 
@@ -273,3 +434,12 @@ class _Discard:
     def upstream_end(self) -> None: pass
     def upstream_failed(self, error) -> None: pass
     def upstream_retry(self, error) -> None: pass
+    def upstream_resend(self) -> None: pass
+
+
+class _Taken(_Discard):
+    """Stands in for a request taken back for another worker: this worker
+    only ends it, unrun."""
+
+    def __init__(self, claim: int) -> None:
+        self.claim = claim  # our byte in the claim file, let go of at the end
