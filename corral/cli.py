@@ -83,7 +83,7 @@ def cmd_serve(args) -> int:
                     "this machine; set [app] user instead", config.name)
     limit = raise_open_file_limit()
     log.info("open-file limit: %d", limit)
-    return run(Server(config, allow_root).run())
+    return run(Server(config, allow_root, overrides).run())
 
 
 def cmd_nginx_config(args) -> int:

@@ -175,11 +175,11 @@ class Waiter:
     """A request waiting for a free worker: `callback(link, error)` is called
     exactly once, with a link or with the Unavailable error that ends the wait."""
 
-    __slots__ = ("callback", "timer", "done", "queued", "behind_ok")
+    __slots__ = ("callback", "deadline", "done", "queued", "behind_ok")
 
     def __init__(self, callback) -> None:
         self.callback = callback
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time its wait ends (see Pool._expire_due)
         self.done = False
         self.behind_ok = False  # may go behind a busy worker's request (a small body)
         self.queued = time.monotonic()  # for status and metrics: the oldest wait
@@ -188,8 +188,6 @@ class Waiter:
         if self.done:
             return
         self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
         self.callback(link, error)
 
 
@@ -224,16 +222,15 @@ class WorkerProcess:
         self.idle_since = self.spawned  # when it last became free, for idle_timeout
 
     def request_started(self, link: Link) -> None:
-        timeout = self.pool.limits.request_timeout
-        if timeout:
-            self.timer = asyncio.get_running_loop().call_later(
-                timeout, self.pool.request_timed_out, link)
+        """A request began on `link` (at link.sent_at).  Nothing to arm: the
+        pool looks at every busy link's age a few times a second (see
+        Pool._watch_timeouts), which costs far less than a timer each."""
 
     def request_done(self, link: Link) -> None:
         self.cancel_timer()
         self.requests += 1
         self.pool.request_done(self)
-        self.pool.release(link)
+        self.pool.release(link, fresh=True)
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
@@ -264,6 +261,7 @@ class Pool:
         self.progress = asyncio.Event()  # set when a worker becomes ready or exits
         self.idle: list[Link] = []
         self.waiters: deque[Waiter] = deque()
+        self._queue_timer: asyncio.TimerHandle | None = None  # see _expire_due
         self.spawned = 0  # workers spawned so far, for unique socket names
         loop = asyncio.get_running_loop()
         self.deployed: asyncio.Future = loop.create_future()
@@ -358,6 +356,8 @@ class Pool:
             self._scale_up()
             if self.limits.max_lifetime:
                 self._task(self._watch_lifetimes())
+            if self.limits.request_timeout:
+                self._task(self._watch_timeouts())
             if self.fewest < self.config.processes:
                 self._task(self._watch_idle())
 
@@ -862,9 +862,10 @@ class Pool:
 
     # -- dispatch ------------------------------------------------------------
 
-    def release(self, link: Link) -> None:
+    def release(self, link: Link, fresh: bool = False) -> None:
         """`link` is free, or its worker has begun the request that was behind
-        the one that ended: give it the first waiting request, or keep it."""
+        the one that ended: give it the first waiting request, or keep it.
+        `fresh`: it has just ended a request."""
         worker = link.worker
         if link.handler is not None:
             # Busy with the request that was behind: another may go behind it.
@@ -878,7 +879,12 @@ class Pool:
             return
         if link.closed or worker.state in ("stopping", "dead"):
             return
-        if self.state == "ready" and self.waiters and link.alive():
+        # The peek at the socket (alive) finds a worker that died while idle,
+        # or a program that exits right after a response (php-cgi after
+        # PHP_FCGI_MAX_REQUESTS).  Ours never does that unless the pool asks,
+        # so a link of ours that has just ended a request (`fresh`) is sound.
+        if self.state == "ready" and self.waiters and (
+                (fresh and self.engine.builtin) or link.alive()):
             worker.state = "busy"
             self.waiters.popleft().settle(link)
             return
@@ -991,6 +997,23 @@ class Pool:
         live = sum(w.state != "dead" for w in self.all_workers())
         return high - low + 1 > live
 
+    async def _watch_timeouts(self) -> None:
+        """[app] request_timeout: a request whose link has been busy longer
+        is timed out (request_timed_out).  Looked at ten times per timeout,
+        at least every second, so the 504 comes at most a tenth late."""
+        timeout = self.limits.request_timeout
+        every = min(1.0, max(0.02, timeout / 10))
+        while True:
+            await asyncio.sleep(every)
+            if self.state == "stopping":
+                return
+            late = time.monotonic() - timeout
+            for worker in self.all_workers():
+                link = worker.link
+                if (link is not None and link.handler is not None and not link.closed
+                        and link.sent_at <= late and worker.state != "dead"):
+                    self.request_timed_out(link)
+
     async def _watch_lifetimes(self) -> None:
         # Busy workers are looked at after their request (request_done);
         # this catches the idle ones, which may idle for hours.
@@ -1091,17 +1114,11 @@ class Pool:
     def adopt_waiters(self, old: Pool) -> None:
         """Take over the requests queued in the generation `old`, keeping
         what is left of their wait."""
-        loop = asyncio.get_running_loop()
         while old.waiters:
             waiter = old.waiters.popleft()
-            if waiter.done:
-                continue
-            left = self.config.queue_timeout
-            if waiter.timer is not None:
-                left = max(waiter.timer.when() - loop.time(), 0.0)
-                waiter.timer.cancel()
-            waiter.timer = loop.call_later(left, self._expire, waiter)
-            self.waiters.append(waiter)
+            if not waiter.done:
+                self.waiters.append(waiter)  # its deadline goes with it
+        self._arm_queue_timer()
         self._serve_waiters()
         self._scale_up()
 
@@ -1206,9 +1223,35 @@ class Pool:
             waiter.settle(None, Unavailable("request queue is full", retry_after=1))
             return
         wait = self.config.queue_timeout if state == "ready" else self.config.deploy.hold
-        waiter.timer = asyncio.get_running_loop().call_later(wait, self._expire, waiter)
+        loop = asyncio.get_running_loop()
+        waiter.deadline = loop.time() + wait
         self.waiters.append(waiter)
+        if self._queue_timer is None:
+            self._queue_timer = loop.call_at(waiter.deadline, self._expire_due)
         self._scale_up()
+
+    # One timer for the whole queue, not one per request: it fires at the
+    # earliest deadline and ends every wait that is due.
+
+    def _arm_queue_timer(self) -> None:
+        if self._queue_timer is not None:
+            self._queue_timer.cancel()
+            self._queue_timer = None
+        deadlines = [w.deadline for w in self.waiters if not w.done]
+        if deadlines:
+            self._queue_timer = asyncio.get_running_loop().call_at(
+                min(deadlines), self._expire_due)
+
+    def _expire_due(self) -> None:
+        self._queue_timer = None
+        now = asyncio.get_running_loop().time()
+        due = [w for w in self.waiters if w.done or w.deadline <= now]
+        for waiter in due:
+            if not waiter.done:
+                self._expire(waiter)
+            else:
+                self.waiters.remove(waiter)
+        self._arm_queue_timer()
 
     def _expire(self, waiter: Waiter) -> None:
         try:
@@ -1220,7 +1263,6 @@ class Pool:
         else:
             error = Unavailable(
                 f"no worker became free within {self.config.queue_timeout:g} s", retry_after=5)
-        waiter.timer = None
         waiter.settle(None, error)
 
 

@@ -28,9 +28,11 @@ EXIT_CONFIG = 2  # the config (or the app it names) cannot be served
 
 
 class Server:
-    def __init__(self, config: AppConfig, allow_root: bool = False) -> None:
+    def __init__(self, config: AppConfig, allow_root: bool = False,
+                 overrides: dict | None = None) -> None:
         self.config = config
         self.allow_root = allow_root  # for [app] user at each reload
+        self.overrides = overrides or {}  # from the command line (--bind): at each reload too
         self.metrics: MetricsListener | None = None
         self.stop_requested: asyncio.Event | None = None
         self.notify = systemd.Notifier.from_environ()
@@ -54,7 +56,7 @@ class Server:
     def reload(self) -> AppConfig:
         """The config of the next generation: the app's config file read
         again.  The front keeps the [server] and [static] it started with."""
-        config = load(self.config.root)
+        config = load(self.config.root, self.overrides)
         config.run_as = resolve_user(config, self.allow_root)
         if config.run_as is not None:
             os.chmod(self.run_dir, 0o711)  # [app] user set since the start: see run()

@@ -387,6 +387,23 @@ def test_failed_deploy_step_of_a_new_generation_leaves_the_old_one_serving(tmp_p
         assert server.stop() == 0
 
 
+def test_a_restart_keeps_the_command_line_bind_and_warns_only_of_real_changes(tmp_path):
+    app = restarts_app(tmp_path)
+    server = ServerProcess(app).wait_ready()  # with --bind 127.0.0.1:0
+    try:
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for(r"generation 2 of \S+ serves")
+        assert "take effect at the next start" not in server.log
+        with open(app / "corral.toml", "a") as f:
+            f.write('[server]\nkeepalive_timeout = 7\n')
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for(r"generation 3 of \S+ serves")
+        assert "take effect at the next start" in server.log
+        assert get(server.port, "/pid")[0] == 200
+    finally:
+        assert server.stop() == 0
+
+
 # -- exclusive deploy and crash loops -----------------------------------------
 
 def test_exclusive_deploy_stops_the_old_generation_first(tmp_path):
