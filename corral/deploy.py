@@ -88,6 +88,9 @@ async def run_deploy(step: DeployStep, root: Path, env: dict[str, str],
     if result.ok:
         log.info("deploy step of %s succeeded (%s)", app, result.describe())
     else:
-        log.error("deploy step of %s FAILED (%s); the app answers 503 until it is "
-                  "fixed and restarted; output in %s", app, result.describe(), step.log)
+        # What happens next is the pool's to say: the old generation serves
+        # on, or (at the first start, or with [deploy] exclusive) the app
+        # answers 503 until a restart succeeds.
+        log.error("deploy step of %s FAILED (%s); output in %s", app, result.describe(),
+                  step.log)
     return result

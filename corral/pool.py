@@ -523,9 +523,27 @@ class Pool:
                     stdout=sys.stderr.fileno(), cwd=config.root, env=self.env,
                     start_new_session=True, preexec_fn=self._preexec())
         except OSError as exc:
-            log.error("cannot spawn a worker for %s: %s", config.name, exc)
             worker.state = "dead"
             self.quick_exits += 1
+            program = self._argv(worker)[0] if not self.preload else "the preloader"
+            who = (f" as user {self.run_as.user} ([app] user)" if self.run_as is not None
+                   else "")
+            message = (f"{config.source}: cannot start {program}{who}: {exc.strerror}. Fix: "
+                       "make the interpreter and the app folder readable and executable "
+                       "by that user (a virtual environment outside /root, say), or "
+                       "change [app] user" if who else
+                       f"{config.source}: cannot start {program}: {exc.strerror}")
+            log.error("cannot spawn a worker for %s: %s", config.name, message)
+            if not self.ever_ready and not self.fatal.done():
+                # Nothing has served and nothing will start: say so now
+                # (the server stops at its first start) rather than loop.
+                self.fatal.set_result(message)
+                self.fail(f"its workers cannot be started ({exc.strerror})")
+                return
+            if self.quick_exits >= CRASH_LIMIT and self.state == "ready" \
+                    and not self.ready_count():
+                self.crash_looping = True
+                self.fail(f"its workers cannot be started ({exc.strerror})")
             self._task(self.spawn(slot, self._backoff()))
             return
         finally:

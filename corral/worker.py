@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 import traceback
 from typing import NoReturn
 from urllib.parse import unquote_to_bytes
@@ -84,7 +85,22 @@ def load_app(spec: str):
                 f"module {module_name!r} has no attribute {attr!r}") from None
     if not callable(obj):
         raise AppLoadError(f"{spec!r} is not callable")
+    check_django_urls()
     return obj
+
+
+def check_django_urls() -> None:
+    """For a Django app: import its URLconf now.  Django does that only on
+    the first request, so a broken import in urls.py or a view module would
+    otherwise pass for a ready worker and answer every request with 500."""
+    if "django.urls" not in sys.modules and "django.core.handlers.wsgi" not in sys.modules:
+        return
+    try:
+        from django.urls import get_resolver
+        get_resolver().url_patterns  # noqa: B018 (the import is the point)
+    except Exception as exc:
+        raise AppLoadError(f"Django cannot load its URLconf: {type(exc).__name__}: "
+                           f"{exc}") from exc
 
 
 def encode_head(status: str, headers) -> bytes:
@@ -360,13 +376,14 @@ class Worker:
         self.busy = False
         self.stopping = False
         self.claim_file: tuple | None = None  # (fd, path), made with the first connection
+        self.held_claim: int | None = None  # the id whose claim byte we hold
 
     # Signals: SIGTERM asks for a graceful exit.  Between requests we leave at
     # once; during one (from its BEGIN_REQUEST on), after its response is sent.
     def handle_sigterm(self, signum, frame) -> None:
+        # No exit from here: serve_forever wakes (the wakeup socket) and
+        # leaves at a point where no request it has read can be dropped.
         self.stopping = True
-        if not self.busy:
-            raise SystemExit(EXIT_OK)
 
     # SIGUSR1: the supervisor found the request in flight over [app]
     # request_timeout and has answered the client 504 already.  Say where the
@@ -399,12 +416,24 @@ class Worker:
         listener.setblocking(False)
         selector = selectors.DefaultSelector()
         selector.register(listener, selectors.EVENT_READ)
+        # A signal writes a byte here, so select() returns and the loop
+        # looks at `stopping` (a handler that raised could cut a request
+        # read but not yet begun).
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        selector.register(wake_r, selectors.EVENT_READ)
         peers: list[Peer] = []
         try:
             # A SIGTERM that lands in select() may end the wait with nothing
             # ready; only a stop with no request begun ends the loop.
             while not (self.stopping and not self.busy):
                 for key, _ in selector.select():
+                    if key.fileobj is wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            wake_r.recv(512)
+                        continue
                     if key.fileobj is listener:
                         try:
                             sock, _ = listener.accept()
@@ -426,6 +455,8 @@ class Worker:
                     if not keep:
                         selector.unregister(peer.sock)
                         peers.remove(peer)
+                        if self.stopping:
+                            refuse_unread([peer])
                         peer.close()
                     # Busy while any request has begun and not ended, even
                     # with its params or body still on the way: SIGTERM must
@@ -435,9 +466,14 @@ class Worker:
                         return
         finally:
             self.busy = False
+            if self.stopping:
+                refuse_unread(peers)
             for peer in peers:
                 peer.close()
             selector.close()
+            signal.set_wakeup_fd(-1)
+            wake_r.close()
+            wake_w.close()
 
     def serve_ready(self, peer: Peer) -> bool:
         """Read what `peer` sent and act on it; False when the connection ends."""
@@ -476,6 +512,8 @@ class Worker:
                 if params and params[0][0] == CLAIM_PARAM:
                     claim, params = params[0][1], params[1:]
                 rid = connection.request_id
+                if self.held_claim is not None:
+                    self.let_go(rid)
                 try:
                     if any(type(later) is AbortRequest and later.request_id == rid
                            for later in events[index + 1:]):
@@ -513,10 +551,10 @@ class Worker:
 
     def claim(self, rid: int) -> bool:
         """Take the byte lock of a request sent behind another (at its id's
-        offset); False if the front has it.  We keep it until we begin one
-        with the other id: the front may still try to take this request
-        back until it has read its end, and it sends the next one with the
-        other id only after that.  So our lock on the other id goes now."""
+        offset); False if the front has it.  We keep it until a request with
+        the other id comes (let_go): the front may still try to take this
+        one back until it has read its end, and it sends a request with the
+        other id only after that."""
         fd = self.claim_file[0] if self.claim_file else None
         if fd is None:
             return True  # we offered no queueing: the mark means nothing here
@@ -524,9 +562,17 @@ class Worker:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, rid)
         except OSError:
             return False
-        with contextlib.suppress(OSError):
-            fcntl.lockf(fd, fcntl.LOCK_UN, 1, 3 - rid)
+        self.held_claim = rid
         return True
+
+    def let_go(self, rid: int) -> None:
+        """A request with id `rid` is here: the front sent it only after it
+        had read the end of the last one with the other id, so the byte we
+        hold for that one may go, whether or not we run this one."""
+        if self.held_claim == 3 - rid:
+            self.held_claim = None
+            with contextlib.suppress(OSError):
+                fcntl.lockf(self.claim_file[0], fcntl.LOCK_UN, 1, 3 - rid)
 
     def run_request(self, conn, connection, params, body, body_size: int) -> bool:
         """Call the app for one request; False if the connection must go (the
@@ -596,6 +642,50 @@ class Worker:
                     log_request_error(environ)
         response.finish()
         return True
+
+
+REFUSE_LINGER = 0.2  # seconds a stopping worker goes on refusing requests
+
+
+def refuse_unread(peers: list[Peer]) -> None:
+    """Stopping: answer every request the web server sent that we will not
+    run with END_REQUEST OVERLOADED, so that it can send it elsewhere
+    (corral's front does, whatever the method), rather than see it cut.
+    For REFUSE_LINGER seconds, since a web server that has just read the
+    end of our last response may be writing the next request already."""
+    deadline = time.monotonic() + REFUSE_LINGER
+    selector = selectors.DefaultSelector()
+    for peer in peers:
+        with contextlib.suppress(OSError, ValueError):
+            peer.sock.setblocking(False)
+            selector.register(peer.sock, selectors.EVENT_READ, peer)
+    try:
+        while selector.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            for key, _ in selector.select(left):
+                peer = key.data
+                try:
+                    data = peer.sock.recv(RECV_SIZE)
+                    events = peer.codec.receive_data(data) + peer.codec.resume()
+                except BlockingIOError:
+                    continue
+                except (ConnectionError, fastcgi.ProtocolError):
+                    data = b""
+                if not data:
+                    selector.unregister(peer.sock)
+                    continue
+                refusals = b"".join(
+                    peer.codec.end_request(e.request_id, 0, fastcgi.ProtocolStatus.OVERLOADED)
+                    for e in events if type(e) is BeginRequest)
+                if refusals:
+                    with contextlib.suppress(OSError):
+                        peer.sock.setblocking(True)
+                        peer.sock.sendall(refusals)
+                        peer.sock.setblocking(False)
+    finally:
+        selector.close()
 
 
 def send_plain(conn, connection: fastcgi.AppConnection, status: str, text: bytes) -> None:

@@ -128,6 +128,9 @@ def copy_app(source: Path, target: Path) -> Path:
     """A copy of an app folder without generated files, for one test."""
     shutil.copytree(source, target, ignore=shutil.ignore_patterns(
         "__pycache__", "db.sqlite3", "*.log"))
+    # What serving the app once left behind (its run folder, e.g. after
+    # `./dev serve`) is not part of the app.
+    shutil.rmtree(target / "tmp", ignore_errors=True)
     static = target / "static"
     if static.exists():
         for item in static.iterdir():

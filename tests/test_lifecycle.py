@@ -236,3 +236,41 @@ def test_json_access_log_has_timings_worker_and_request_id(tmp_path):
     assert static_line["status"] == 404 and static_line["request_id"] == "from-the-proxy-1"
     assert static_line["worker_pid"] is None and static_line["app_ms"] is None
     assert refused["status"] == 400  # refused requests are logged too
+
+
+def test_workers_stopped_by_sigterm_under_post_load_lose_no_request(tmp_path):
+    """A worker told to stop finishes its request and refuses (OVERLOADED)
+    any it has not begun; the front sends those elsewhere, POSTs included."""
+    server = ServerProcess(cases_app(tmp_path)).wait_ready()
+    stop = threading.Event()
+    answers: list = []
+
+    def client(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            body = f"c{n}-{i}".encode()
+            try:
+                answers.append(request(server.port, b"POST /echo HTTP/1.1\r\nHost: t\r\n"
+                                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))[0])
+            except OSError as exc:
+                answers.append(repr(exc))
+
+    clients = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    try:
+        for thread in clients:
+            thread.start()
+        for _ in range(6):
+            before = len(answers)
+            while len(answers) < before + 50:  # load between two stops
+                time.sleep(0.01)
+            pids = children_of(server.proc.pid)
+            os.kill(pids[0], signal.SIGTERM)
+            server.wait_for(f"worker pid {pids[0]} .*exited")
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(30)
+        server.stop()
+    assert len(answers) > 300
+    assert set(answers) == {200}, [a for a in answers if a != 200][:5]

@@ -21,6 +21,7 @@ from corral import fastcgi
 from corral.fastcgi import (
     QUEUE_VALUE,
     EndRequest,
+    ProtocolStatus,
     ServerConnection,
     Stderr,
     Stdout,
@@ -242,6 +243,14 @@ class Link(asyncio.Protocol):
                 if type(handler) is _Discard:
                     log.info("worker pid %s ended an abandoned request; free again",
                              self.worker.pid)
+                if (event.protocol_status == ProtocolStatus.OVERLOADED and not self.head_done
+                        and not body):
+                    # A worker that is stopping refuses what it will not run:
+                    # never begun, so it goes to another worker, any method.
+                    log.info("worker pid %s is stopping and did not run a request: sending "
+                             "it to another worker", self.worker.pid)
+                    self._refused(handler)
+                    return
                 if not self.head_done:
                     handler.upstream_failed(GatewayError(
                         f"worker pid {self.worker.pid} ended the request without a response"))
@@ -375,6 +384,19 @@ class Link(asyncio.Protocol):
             self.worker.request_started(self)  # the new current's timer
         if later and not self.closed:
             self._handle(later)
+
+    def _refused(self, handler) -> None:
+        """The worker refused the current request (it is stopping): the
+        request goes elsewhere, and so does the one behind it, if any; the
+        link is done, since the worker is going away."""
+        behind, self.behind = self.behind, None
+        self.head.clear()
+        self.head_done = False
+        self.worker.cancel_timer()
+        handler.upstream_resend()
+        if behind is not None and not behind.taken:
+            behind.handler.upstream_resend()
+        self.transport.close()
 
     def _open_claim(self, path: bytes | None) -> None:
         if not path or not path.startswith(b"/proc/"):
