@@ -26,7 +26,7 @@ from tests.harness import ROOT, SAMPLE, ServerProcess, connect, copy_app, read_r
 
 CLIENTS = 3  # threads, each with one kept-alive connection
 RESTARTS = 5  # in a row, per trigger
-SLOW_RESTARTS = 2  # per deploy mode with the slow deploy step: each costs 4-5 s
+SLOW_RESTARTS = 5  # per deploy mode with the slow deploy step, as for the triggers: 4-5 s each
 SLOW_DEPLOY = 3  # seconds the slow deploy step sleeps before it migrates
 HOLD = 1.5  # [deploy] hold in the exclusive case: below SLOW_DEPLOY, so some wait runs out
 
