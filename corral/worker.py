@@ -659,6 +659,18 @@ def refuse_unread(peers: list[Peer]) -> None:
         with contextlib.suppress(OSError, ValueError):
             peer.sock.setblocking(False)
             selector.register(peer.sock, selectors.EVENT_READ, peer)
+        # Requests already read and held behind the last one: refused first.
+        try:
+            held = [e for e in peer.codec.resume() if type(e) is BeginRequest]
+        except fastcgi.ProtocolError:
+            held = []
+        peer.codec.request_id = None  # refused, so over: its id may come again
+        if held:
+            with contextlib.suppress(OSError):
+                peer.sock.setblocking(True)
+                peer.sock.sendall(b"".join(peer.codec.end_request(
+                    e.request_id, 0, fastcgi.ProtocolStatus.OVERLOADED) for e in held))
+                peer.sock.setblocking(False)
     try:
         while selector.get_map():
             left = deadline - time.monotonic()
@@ -679,6 +691,7 @@ def refuse_unread(peers: list[Peer]) -> None:
                 refusals = b"".join(
                     peer.codec.end_request(e.request_id, 0, fastcgi.ProtocolStatus.OVERLOADED)
                     for e in events if type(e) is BeginRequest)
+                peer.codec.request_id = None  # refused, so over: its id may come again
                 if refusals:
                     with contextlib.suppress(OSError):
                         peer.sock.setblocking(True)
