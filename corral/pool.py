@@ -217,7 +217,6 @@ class WorkerProcess:
             random.randint(0, limits.max_requests_jitter) if limits.max_requests else 0)
         self.leaving = ""  # why it is being replaced ("" while it serves)
         self.refill = False  # its replacement starts when it has exited
-        self.timer: asyncio.TimerHandle | None = None  # its request's timeout
         self.rss = 0  # KiB, as last read after a request
         self.idle_since = self.spawned  # when it last became free, for idle_timeout
 
@@ -227,15 +226,10 @@ class WorkerProcess:
         Pool._watch_timeouts), which costs far less than a timer each."""
 
     def request_done(self, link: Link) -> None:
-        self.cancel_timer()
         self.requests += 1
         self.pool.request_done(self)
         self.pool.release(link, fresh=True)
 
-    def cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
 
 class Pool:
@@ -400,7 +394,6 @@ class Pool:
         workers = self.all_workers()
         procs = [w.proc for w in workers if w.proc is not None]
         for worker in workers:
-            worker.cancel_timer()
             # Idle links go first: php-cgi waits for the next request on a kept
             # connection and heeds SIGTERM only once that connection ends.
             if worker.state == "idle" and worker.link is not None and not worker.link.closed:
@@ -655,7 +648,6 @@ class Pool:
         previous = worker.state
         self.metrics.worker_exited(self, worker, previous, status)
         worker.state = "dead"
-        worker.cancel_timer()
         self.leaving.discard(worker)
         if self.outgoing.get(worker.slot) is worker:
             del self.outgoing[worker.slot]
@@ -804,7 +796,6 @@ class Pool:
 
     def link_lost(self, link: Link) -> None:
         worker = link.worker
-        worker.cancel_timer()  # whatever it was serving has ended, one way or another
         if link in self.idle:
             self.idle.remove(link)
         if worker.link is link:
@@ -920,7 +911,6 @@ class Pool:
         worker is asked to stop, killed after [app] timeout_grace, and
         replaced at once, since it is stuck."""
         worker = link.worker
-        worker.timer = None
         handler, link.handler = link.handler, None  # what the worker sends now is dropped
         if handler is None or link.closed:
             return

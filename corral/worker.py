@@ -661,16 +661,9 @@ def refuse_unread(peers: list[Peer]) -> None:
             selector.register(peer.sock, selectors.EVENT_READ, peer)
         # Requests already read and held behind the last one: refused first.
         try:
-            held = [e for e in peer.codec.resume() if type(e) is BeginRequest]
+            _refuse(peer, peer.codec.resume())
         except fastcgi.ProtocolError:
-            held = []
-        peer.codec.request_id = None  # refused, so over: its id may come again
-        if held:
-            with contextlib.suppress(OSError):
-                peer.sock.setblocking(True)
-                peer.sock.sendall(b"".join(peer.codec.end_request(
-                    e.request_id, 0, fastcgi.ProtocolStatus.OVERLOADED) for e in held))
-                peer.sock.setblocking(False)
+            pass
     try:
         while selector.get_map():
             left = deadline - time.monotonic()
@@ -680,25 +673,28 @@ def refuse_unread(peers: list[Peer]) -> None:
                 peer = key.data
                 try:
                     data = peer.sock.recv(RECV_SIZE)
-                    events = peer.codec.receive_data(data) + peer.codec.resume()
+                    if data:
+                        _refuse(peer, peer.codec.receive_data(data) + peer.codec.resume())
                 except BlockingIOError:
                     continue
                 except (ConnectionError, fastcgi.ProtocolError):
                     data = b""
                 if not data:
                     selector.unregister(peer.sock)
-                    continue
-                refusals = b"".join(
-                    peer.codec.end_request(e.request_id, 0, fastcgi.ProtocolStatus.OVERLOADED)
-                    for e in events if type(e) is BeginRequest)
-                peer.codec.request_id = None  # refused, so over: its id may come again
-                if refusals:
-                    with contextlib.suppress(OSError):
-                        peer.sock.setblocking(True)
-                        peer.sock.sendall(refusals)
-                        peer.sock.setblocking(False)
     finally:
         selector.close()
+
+
+def _refuse(peer: Peer, events: list) -> None:
+    """END_REQUEST OVERLOADED for each request begun among `events`."""
+    peer.codec.request_id = None  # refused, so over: its id may come again
+    refusals = b"".join(peer.codec.end_request(e.request_id, 0, fastcgi.ProtocolStatus.OVERLOADED)
+                        for e in events if type(e) is BeginRequest)
+    if refusals:
+        with contextlib.suppress(OSError):
+            peer.sock.setblocking(True)
+            peer.sock.sendall(refusals)
+            peer.sock.setblocking(False)
 
 
 def send_plain(conn, connection: fastcgi.AppConnection, status: str, text: bytes) -> None:

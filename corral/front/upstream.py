@@ -89,17 +89,16 @@ def parse_cgi_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
 class Behind:
     """A request sent to a busy worker, to run after the one it serves."""
 
-    __slots__ = ("handler", "rid", "claim", "params", "body", "sent_at", "taken")
+    __slots__ = ("handler", "rid", "params", "body", "sent_at", "taken")
 
     def __init__(self, handler, rid: int, params, body: bytes) -> None:
         self.handler = handler
+        # Its byte in the worker's claim file is at offset `rid`.  The
+        # worker holds the byte of the last request it began from behind
+        # until a request with the other id comes, which we send only after
+        # we have read this one's end: so a request the worker has begun,
+        # even one whose end we have not read yet, can never be taken back.
         self.rid = rid
-        # Its byte in the worker's claim file, at the request id's offset.
-        # The worker holds the byte of the last request it began from behind
-        # until it begins one with the other id, which we send only after we
-        # have read this one's end: so a request the worker has begun, even
-        # one whose end we have not read yet, can never be taken back.
-        self.claim = rid
         self.params, self.body = params, body  # kept, to send it elsewhere instead
         self.sent_at = time.monotonic()
         self.taken = False  # taken back for another worker: this one will skip it
@@ -235,7 +234,7 @@ class Link(asyncio.Protocol):
                 if handler is None:
                     continue
                 if type(handler) is _Taken:
-                    self._unlock(handler.claim)  # the worker skipped it: the lock may go
+                    self._unlock(self.rid)  # the worker skipped it: the lock may go
                     self.head.clear()
                     self.head_done = False
                     self._next(events[index + 1:])
@@ -354,16 +353,16 @@ class Link(asyncio.Protocol):
                 or type(behind.handler) is _Discard):  # given up: the worker skips it
             return None
         try:
-            fcntl.lockf(self.claim_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, behind.claim)
+            fcntl.lockf(self.claim_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, behind.rid)
         except OSError:
             return None  # the worker holds it: it runs now
         behind.taken = True
         return behind
 
-    def _unlock(self, claim: int) -> None:
+    def _unlock(self, rid: int) -> None:
         if self.claim_fd is not None:
             try:
-                fcntl.lockf(self.claim_fd, fcntl.LOCK_UN, 1, claim)
+                fcntl.lockf(self.claim_fd, fcntl.LOCK_UN, 1, rid)
             except OSError:
                 pass
 
@@ -374,7 +373,7 @@ class Link(asyncio.Protocol):
         behind, self.behind = self.behind, None
         if behind is not None:
             self.rid = behind.rid
-            self.handler = _Taken(behind.claim) if behind.taken else behind.handler
+            self.handler = _Taken() if behind.taken else behind.handler
             self.answered = False
             self.sent_at = time.monotonic()
         # The ended one's timer off, its count, recycling; then the pool
@@ -392,7 +391,6 @@ class Link(asyncio.Protocol):
         behind, self.behind = self.behind, None
         self.head.clear()
         self.head_done = False
-        self.worker.cancel_timer()
         handler.upstream_resend()
         if behind is not None and not behind.taken:
             behind.handler.upstream_resend()
@@ -462,6 +460,3 @@ class _Discard:
 class _Taken(_Discard):
     """Stands in for a request taken back for another worker: this worker
     only ends it, unrun."""
-
-    def __init__(self, claim: int) -> None:
-        self.claim = claim  # our byte in the claim file, let go of at the end
