@@ -199,20 +199,28 @@ class RecordReader:
 
     def feed(self, data: bytes) -> list[Record]:
         buf = self._buffer
-        buf += data
+        if buf:  # the start of a record came before: it goes first
+            buf += data
+            data = bytes(buf)
+            buf.clear()
+        elif type(data) is not bytes:
+            data = bytes(data)  # so that each record's content is bytes
+        # Usually a read holds whole records: they are cut from it as it is,
+        # and only an unfinished one's start is kept.
         records = []
-        pos, end = 0, len(buf)
+        pos, end = 0, len(data)
         while end - pos >= 8:
-            version, rtype, request_id, length, padding = HEADER.unpack_from(buf, pos)
+            version, rtype, request_id, length, padding = HEADER.unpack_from(data, pos)
             if version != VERSION:
+                buf += memoryview(data)[pos:]  # ProtocolError ends the connection anyway
                 raise ProtocolError(f"unsupported FastCGI version {version}")
             stop = pos + 8 + length
             if stop + padding > end:
                 break
-            records.append(Record(rtype, request_id, bytes(buf[pos + 8:stop])))
+            records.append(Record(rtype, request_id, data[pos + 8:stop]))
             pos = stop + padding
-        if pos:
-            del buf[:pos]
+        if pos < end:
+            buf += memoryview(data)[pos:]
         return records
 
     @property

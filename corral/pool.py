@@ -257,7 +257,9 @@ class Pool:
         self.waiters: deque[Waiter] = deque()
         self._queue_timer: asyncio.TimerHandle | None = None  # see _expire_due
         self.spawned = 0  # workers spawned so far, for unique socket names
-        loop = asyncio.get_running_loop()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call, and
+        # the queue asks for the loop's time on every wait.
+        self.loop = loop = asyncio.get_running_loop()
         self.deployed: asyncio.Future = loop.create_future()
         self.fatal: asyncio.Future = loop.create_future()  # set when the app cannot load
         self.last_deploy: DeployResult | None = None
@@ -1231,7 +1233,7 @@ class Pool:
             waiter.settle(None, Unavailable("request queue is full", retry_after=1))
             return
         wait = self.config.queue_timeout if state == "ready" else self.config.deploy.hold
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         waiter.deadline = loop.time() + wait
         self.waiters.append(waiter)
         if self._queue_timer is None:
@@ -1247,12 +1249,11 @@ class Pool:
             self._queue_timer = None
         deadlines = [w.deadline for w in self.waiters if not w.done]
         if deadlines:
-            self._queue_timer = asyncio.get_running_loop().call_at(
-                min(deadlines), self._expire_due)
+            self._queue_timer = self.loop.call_at(min(deadlines), self._expire_due)
 
     def _expire_due(self) -> None:
         self._queue_timer = None
-        now = asyncio.get_running_loop().time()
+        now = self.loop.time()
         due = [w for w in self.waiters if w.done or w.deadline <= now]
         for waiter in due:
             if not waiter.done:

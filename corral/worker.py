@@ -29,6 +29,7 @@ from urllib.parse import unquote_to_bytes
 
 from corral import fastcgi
 from corral.fastcgi import AbortRequest, BeginRequest, Params, Stdin
+from corral.httpdate import http_date
 
 # Exit statuses the supervisor understands (anything else is a crash).
 EXIT_OK = 0
@@ -44,6 +45,10 @@ _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789"
                    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 # Bytes never allowed in a header value or status line: CTLs but HTAB, and DEL.
 _FORBIDDEN = bytes(i for i in range(32) if i != 9) + b"\x7f"
+# Response headers that keep a response in the CGI form (see FRAME_PARAM):
+# the front decides them (framing, connection, Date, Server) or drops them.
+_NOT_FRAMED = frozenset(("connection", "keep-alive", "transfer-encoding", "te", "trailer",
+                         "upgrade", "proxy-connection", "date", "server"))
 
 
 class AppLoadError(Exception):
@@ -157,19 +162,23 @@ class Response:
     """The response side of one request: start_response, write, and STDOUT.
 
     Output is held one chunk behind so that the last chunk, the stream's end
-    and END_REQUEST leave in a single send; a one-chunk response costs one
-    system call.  Before each chunk the socket is looked at without blocking
-    (check_abort), so a request the web server gave up on stops at the app's
-    next chunk or write() call.  That is the only place it can stop: an app
-    that sleeps or waits inside one call (a slow query, time.sleep) cannot be
-    interrupted from here, and is told of the abort only when it next yields.
+    and END_REQUEST leave in a single send.  Before each chunk but the first
+    (which is only held), and before the end, the socket is looked at without
+    blocking (check_abort), so a request the web server gave up on stops at
+    the app's next chunk or write() call; a one-chunk response costs two
+    system calls.  That is the only place it can stop: an app that sleeps or
+    waits inside one call (a slow query, time.sleep) cannot be interrupted
+    from here, and is told of the abort only when it next yields.
+
+    For corral's front (FRAME_PARAM), a one-chunk response leaves with an
+    HTTP/1.1 head instead of the CGI one, so that the front only relays it.
     """
 
     __slots__ = ("sock", "connection", "rid", "head", "status_set", "head_sent",
-                 "pending", "send_body", "aborted")
+                 "pending", "send_body", "aborted", "frame", "status", "headers", "first")
 
     def __init__(self, sock: socket.socket, connection: fastcgi.AppConnection,
-                 send_body: bool) -> None:
+                 send_body: bool, frame: bytes | None = None) -> None:
         self.sock = sock
         self.connection = connection
         self.rid = connection.request_id
@@ -179,6 +188,12 @@ class Response:
         self.pending = b""
         self.send_body = send_body
         self.aborted: RequestAborted | None = None
+        # Given by corral's front (FRAME_PARAM): the connection header line it
+        # wants, asking for an HTTP head instead of a CGI one when it can.
+        self.frame = frame if send_body else None
+        self.status = ""
+        self.headers = ()
+        self.first: bytes | None = None  # the first chunk, while it may be the only one
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info:
@@ -190,7 +205,10 @@ class Response:
                 exc_info = None
         elif self.status_set:
             raise AssertionError("start_response called a second time without exc_info")
+        if type(headers) is not list:
+            headers = list(headers)  # read twice: here, and by http_head
         self.head = encode_head(status, headers)
+        self.status, self.headers = status, headers
         self.status_set = True
         return self.write
 
@@ -199,6 +217,11 @@ class Response:
             raise AssertionError("write() before start_response()")
         if type(data) is not bytes:
             data = bytes(data)  # bytearray or memoryview; raises for str
+        if not self.head_sent and data:
+            # The first chunk is held back (see _send), so nothing goes out
+            # now: the look at the socket waits for the next chunk or finish().
+            self._send(data)
+            return
         # Even an empty chunk looks: some apps yield b"" while they work so
         # that the server can stop them.
         self.check_abort()
@@ -211,21 +234,63 @@ class Response:
     def _send(self, data: bytes) -> None:
         if not self.head_sent:
             self.head_sent = True
+            if self.frame is not None:
+                self.first = data  # its head is chosen in finish(), or by a second chunk
+                return
             data = self.head + data if self.send_body else self.head
         elif not data or not self.send_body:
             return
+        elif self.first is not None:
+            self._unframe()
         if self.pending:
             self._sendall(self.pending)
         self.pending = fastcgi.encode_stream(fastcgi.RecordType.STDOUT, self.rid, data)
+
+    def _unframe(self) -> None:
+        """More than one chunk: the held first one goes with the CGI head."""
+        first, self.first = self.first, None
+        self.pending = fastcgi.encode_stream(fastcgi.RecordType.STDOUT, self.rid,
+                                             self.head + first)
 
     def finish(self) -> None:
         self.check_abort()  # a result that came after an abort is dropped, not sent
         if not self.head_sent:
             self._send(b"")  # a response with an empty body still has a head
+        if self.first is not None:
+            first, self.first = self.first, None
+            head = self.http_head(len(first)) or self.head
+            self.pending = fastcgi.encode_stream(fastcgi.RecordType.STDOUT, self.rid,
+                                                 head + first)
         self._sendall(self.pending + self.connection.finish())
+
+    def http_head(self, length: int) -> bytes | None:
+        """The HTTP/1.1 head of a whole response of `length` bytes, as the
+        front would have written it from the CGI head; None when the front
+        must decide more than the connection header (see _NOT_FRAMED), or
+        when the app's own Content-Length is not the body's length.
+
+        Content-Length comes first, where the front reads it back."""
+        code = self.status[:3]
+        if code < "200" or code == "204" or code == "304":
+            return None
+        lines = [b"HTTP/1.1 ", self.status.encode("latin-1"),
+                 b"\r\nContent-Length: %d\r\n" % length]
+        for name, value in self.headers:  # checked by encode_head already
+            lower = name.lower()
+            if lower in _NOT_FRAMED:
+                return None
+            if lower == "content-length":
+                if value.strip() != str(length):
+                    return None
+                continue
+            lines += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
+        lines += (b"Date: ", http_date(), b"\r\nServer: corral\r\n", self.frame, b"\r\n")
+        return b"".join(lines)
 
     def flush(self) -> None:
         """Send what is held back, without ending the request (before an abort)."""
+        if self.first is not None:
+            self._unframe()
         if self.pending:
             pending, self.pending = self.pending, b""
             self._sendall(pending)
@@ -330,6 +395,13 @@ VALUES = {
 # the request; the front takes it to send the request to another worker
 # instead.  Whoever takes it first has it, so no request runs twice.
 CLAIM_PARAM = b"CORRAL_CLAIM"
+# The param by which corral's front asks for a response head in HTTP/1.1
+# form rather than CGI's, so that it only relays the bytes: its value is the
+# Connection line the front wants in it (empty, or a whole header line).  A
+# worker writes that form only for a whole, one-chunk response that needs
+# nothing else of the front (see Response.http_head); any other keeps the
+# CGI head.  Web servers never send it, and the app never sees it.
+FRAME_PARAM = b"CORRAL_FRAME"
 
 
 def make_claim_file() -> tuple[int, bytes] | None:
@@ -508,9 +580,11 @@ class Worker:
                 body, peer.body = peer.body, None
                 body.seek(0)
                 params = peer.params
-                claim = None
+                claim = frame = None
                 if params and params[0][0] == CLAIM_PARAM:
                     claim, params = params[0][1], params[1:]
+                if params and params[0][0] == FRAME_PARAM:
+                    frame, params = params[0][1], params[1:]
                 rid = connection.request_id
                 if self.held_claim is not None:
                     self.let_go(rid)
@@ -523,7 +597,7 @@ class Worker:
                         # Sent ahead to us, then taken back for another worker.
                         conn.sendall(connection.finish())
                     elif not self.run_request(conn, connection, params, body,
-                                              peer.body_size):
+                                              peer.body_size, frame):
                         return False  # the response was cut short: drop the connection
                 finally:
                     body.close()  # a spooled body's temporary file goes now
@@ -574,12 +648,14 @@ class Worker:
             with contextlib.suppress(OSError):
                 fcntl.lockf(self.claim_file[0], fcntl.LOCK_UN, 1, 3 - rid)
 
-    def run_request(self, conn, connection, params, body, body_size: int) -> bool:
+    def run_request(self, conn, connection, params, body, body_size: int,
+                    frame: bytes | None = None) -> bool:
         """Call the app for one request; False if the connection must go (the
-        response was cut short, or the web server closed it)."""
+        response was cut short, or the web server closed it).  `frame`: see
+        FRAME_PARAM."""
         environ = build_environ(params, body, body_size, self.mount)
         try:
-            return self.call_app(conn, connection, environ)
+            return self.call_app(conn, connection, environ, frame)
         except RequestAborted as abort:
             if abort.error is not None:
                 # Bad bytes read while looking: the connection ends, and
@@ -596,7 +672,8 @@ class Worker:
                 return False
             return True
 
-    def call_app(self, conn, connection, environ: dict | None) -> bool:
+    def call_app(self, conn, connection, environ: dict | None,
+                 frame: bytes | None = None) -> bool:
         if environ is None:
             send_plain(conn, connection, "404 Not Found",
                        b"Not Found: outside this app's mount prefix\n")
@@ -608,7 +685,7 @@ class Worker:
             send_plain(conn, connection, "400 Bad Request",
                        b"Bad Request: no REQUEST_METHOD from the web server\n")
             return True
-        response = Response(conn, connection, environ["REQUEST_METHOD"] != "HEAD")
+        response = Response(conn, connection, environ["REQUEST_METHOD"] != "HEAD", frame)
         result = None
         try:
             result = self.app(environ, response.start_response)

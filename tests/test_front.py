@@ -428,3 +428,44 @@ def test_an_unsafe_worker_response_head_is_refused(head):
     from corral.front.upstream import parse_cgi_head
     with pytest.raises(GatewayError):
         parse_cgi_head(head)
+
+
+# -- the HTTP head one of corral's workers writes when the front asks ----------
+
+def test_a_worker_http_head_is_read_for_its_status_and_length():
+    from corral.front.upstream import check_framed_head
+    data = b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\nX-A: a\tb\r\nY: \r\n\r\nabc"
+    assert check_framed_head(data, len(data) - 3) == (404, data[:-3], 3)
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nX: a\rb\r\nContent-Length: 3\r\n\r\n",  # length not first
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX: a\rb\r\n\r\n",  # a bare CR
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX: a\nY: b\r\n\r\n",  # a bare LF
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX y: b\r\n\r\n",  # not a token
+    b"HTTP/1.1 200 OK\r\nContent-Length: -3\r\n\r\n",
+    b"HTTP/1.1 099 Low\r\nContent-Length: 3\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n",
+    b"HTTP/1.1 200 OK\nContent-Length: 3\n\n",
+])
+def test_an_unsafe_worker_http_head_is_refused(head):
+    from corral.front.errors import GatewayError
+    from corral.front.upstream import check_framed_head
+    with pytest.raises(GatewayError):
+        check_framed_head(head, len(head))
+
+
+def test_an_http_10_keep_alive_client_is_told_so_by_a_worker_written_head(cases_server):
+    with connect(cases_server.port) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET /pid HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            status, headers, body, raw = read_response(sock)
+            assert status == 200 and body.isdigit()
+            head = raw + b"\r\n"
+            assert head.startswith(b"HTTP/1.1 200 OK\r\nContent-Length: ")  # the worker's
+            assert head.count(b"\r\nConnection: keep-alive\r\n") == 1
+            assert head.count(b"\r\nDate: ") == 1 and head.count(b"\r\nServer: corral") == 1
+        sock.sendall(b"GET /pid HTTP/1.0\r\n\r\n")
+        status, headers, body, raw = read_response(sock)
+        assert raw.endswith(b"\r\nConnection: close") and raw.count(b"Connection") == 1
+        assert is_closed(sock)

@@ -788,3 +788,56 @@ def test_a_worker_not_asked_to_hold_requests_refuses_a_second_one(worker):
     assert (end.request_id, end.protocol_status) == (2, ProtocolStatus.CANT_MPX_CONN)
     client.read_response(1)
     client.close()
+
+
+# -- the HTTP head a worker writes for corral's front (FRAME_PARAM) ------------
+
+def framed_request(uri: str, connection: bytes = b"", method: str = "GET") -> bytes:
+    """A request as corral's front sends it, asking for an HTTP head."""
+    params = [(engine.FRAME_PARAM, connection)] + [
+        (k.encode(), v.encode()) for k, v in cgi_params(method, uri).items()]
+    return (ServerConnection.begin_request(1, params) + ServerConnection.stdin(1, b""))
+
+
+def framed(worker, uri: str, connection: bytes = b"", method: str = "GET") -> bytes:
+    client = FastCGIClient(worker.path)
+    try:
+        client.send(framed_request(uri, connection, method))
+        stdout, _, end = client.read_response()
+    finally:
+        client.close()
+    assert end.protocol_status == ProtocolStatus.REQUEST_COMPLETE
+    return stdout
+
+
+@pytest.mark.parametrize("connection", [b"", b"Connection: close\r\n"])
+def test_a_whole_response_gets_an_http_head_the_front_accepts(worker, connection):
+    from corral.front.upstream import check_framed_head
+    stdout = framed(worker, "/head", connection)  # the app sets Content-Length 12 itself
+    stop = stdout.index(b"\r\n\r\n") + 4
+    status, head, length = check_framed_head(stdout, stop)
+    assert (status, length, stdout[stop:]) == (200, 12, b"hello world\n")
+    lines = head.split(b"\r\n")
+    assert lines[:3] == [b"HTTP/1.1 200 OK", b"Content-Length: 12", b"Content-Type: text/plain"]
+    assert lines[3].startswith(b"Date: ") and lines[4] == b"Server: corral"
+    assert head.endswith(b"Server: corral\r\n" + connection + b"\r\n")
+    assert head.lower().count(b"content-length") == 1
+
+
+def test_the_app_never_sees_the_frame_param(worker):
+    stdout = framed(worker, "/echo")
+    seen = json.loads(stdout.partition(b"\r\n\r\n")[2])
+    assert "CORRAL_FRAME" not in seen and "HTTP_CORRAL_FRAME" not in seen
+    assert seen["PATH_INFO"] == "/echo"
+
+
+@pytest.mark.parametrize("uri, method", [
+    ("/write", "GET"),  # two chunks: the length is not known when the first goes
+    ("/no-content", "GET"),  # 204: the front drops its body and Content-Length
+    ("/length?short", "GET"),  # the app's Content-Length is not the body's length
+    ("/head", "HEAD"),  # the front keeps the app's Content-Length and sends no body
+])
+def test_a_response_the_front_must_frame_keeps_the_cgi_head(worker, uri, method):
+    stdout = framed(worker, uri, method=method)
+    assert stdout.startswith(b"Status: "), stdout[:80]
+    assert parse(stdout).status in (200, 204)

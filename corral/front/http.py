@@ -14,7 +14,6 @@ import logging
 import tempfile
 import time
 from collections import deque
-from email.utils import formatdate
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -29,6 +28,7 @@ from corral.front.errors import (
     Unavailable,
     URITooLong,
 )
+from corral.httpdate import http_date
 
 log = logging.getLogger("corral.error")
 
@@ -44,6 +44,10 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 1 << 20
 
 _NO_BODY_STATUS = frozenset((204, 304))
+# The Connection lines of a response; write_head adds them, and a worker
+# that writes the head itself is asked for one (see Front.params).
+CONNECTION_CLOSE = b"Connection: close\r\n"
+CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
 # Methods that may be sent to a second worker when the first died before
 # answering anything (RFC 9110 9.2.2: repeating them changes nothing).
 RETRYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS"))
@@ -55,15 +59,6 @@ _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding",
 _FORBIDDEN_TRAILERS = frozenset((
     b"content-length", b"transfer-encoding", b"trailer", b"host", b"connection",
     b"keep-alive", b"te", b"upgrade", b"expect"))
-_date_cache = [0.0, b""]
-
-
-def http_date() -> bytes:
-    now = time.time()
-    if int(now) != _date_cache[0]:
-        _date_cache[0] = int(now)
-        _date_cache[1] = formatdate(now, usegmt=True).encode()
-    return _date_cache[1]
 
 
 def escape_non_ascii(line: bytes) -> bytes:
@@ -553,9 +548,9 @@ class HttpConnection(asyncio.Protocol):
             else:
                 self.keep_alive = False  # the end of the body is the close
         if not self.keep_alive:
-            out.append(b"Connection: close\r\n")
+            out.append(CONNECTION_CLOSE)
         elif request.version == "1.0":
-            out.append(b"Connection: keep-alive\r\n")
+            out.append(CONNECTION_KEEP_ALIVE)
         out.append(b"\r\n")
         # The body must be exactly what the head announced: more would be
         # read by the client as the start of the next response.
@@ -664,6 +659,41 @@ class HttpConnection(asyncio.Protocol):
         if self.lost:
             return
         self.respond(status, reason, headers, body)
+
+    def upstream_framed_head(self, status: int, head: bytes, length: int) -> None:
+        if not self.lost:
+            self.write_framed(status, head, length)
+
+    def upstream_framed(self, status: int, head: bytes, length: int, body: bytes) -> None:
+        if self.lost:
+            return
+        self.write_framed(status, head, length, body)
+        self.finish()
+
+    def write_framed(self, status: int, head: bytes, length: int, body: bytes = b"") -> None:
+        """Send a head the worker wrote in HTTP form (see FRAME_PARAM in
+        corral.worker): checked by the link, framed by Content-Length, with
+        the Connection line asked for in Front.params, unless the connection
+        has since been set to close."""
+        request = self.current
+        request.status = status
+        if self.server.stopping:
+            self.keep_alive = False
+        if not self.keep_alive and not head.endswith(CONNECTION_CLOSE + b"\r\n"):
+            if head.endswith(CONNECTION_KEEP_ALIVE + b"\r\n"):
+                head = head[:-len(CONNECTION_KEEP_ALIVE) - 2]
+            else:
+                head = head[:-2]
+            head += CONNECTION_CLOSE + b"\r\n"
+        self.body_expected = True
+        self.chunked_response = False
+        self.remaining = length
+        if body:
+            body = self.clip(body)
+            request.sent += len(body)
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
 
     def upstream_body(self, data: bytes) -> None:
         self.write_body(data)

@@ -23,9 +23,9 @@ from corral.config import AppConfig, Bind
 from corral.front import static
 from corral.front.errors import HTTPError
 from corral.front.fcgi_listener import FastCGIListenerConnection
-from corral.front.http import HttpConnection, Request
+from corral.front.http import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, HttpConnection, Request
 from corral.front.static import StaticMapping
-from corral.front.upstream import BEHIND_BODY
+from corral.front.upstream import BEHIND_BODY, FRAME_PARAM
 
 log = logging.getLogger("corral.error")
 
@@ -380,7 +380,15 @@ class Front:
             server_name, _, server_port = host.rpartition(b":")
         else:
             server_name, server_port = host, local_port
+        if not conn.keep_alive:
+            connection = CONNECTION_CLOSE
+        elif request.version == "1.0":
+            connection = CONNECTION_KEEP_ALIVE
+        else:
+            connection = b""
         params = [
+            # First, so that a link to a worker that is not corral's can drop it.
+            (FRAME_PARAM, connection),
             (b"GATEWAY_INTERFACE", b"CGI/1.1"),
             (b"SERVER_SOFTWARE", b"corral"),
             (b"REQUEST_METHOD", request.method),

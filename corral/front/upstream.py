@@ -2,9 +2,10 @@
 
 A link carries one request at a time, and to corral's own workers one more,
 sent behind it (see Link.start).  It encodes the requests with the codec,
-turns the worker's STDOUT back into a status, checked headers and body, and
-hands them to the request's handler.  A worker that breaks the protocol or
-sends an unsafe head costs that request a 502, never the front.
+turns the worker's STDOUT back into a status, checked headers and body (or,
+from corral's own workers, into a checked HTTP head that is relayed as it
+is), and hands them to the request's handler.  A worker that breaks the
+protocol or sends an unsafe head costs that request a 502, never the front.
 """
 
 from __future__ import annotations
@@ -36,11 +37,33 @@ BEHIND_BODY = 64 * 1024  # larger bodies wait for a free worker instead
 BODY_PIECE = 1 << 16  # request bodies from a spool file go out in pieces this big
 REQUEST_ID = 1  # the first request's id; one sent behind it gets the other (2)
 CLAIM_PARAM = b"CORRAL_CLAIM"  # marks a request sent behind another (see corral.worker)
+# Asks one of corral's own workers for an HTTP/1.1 head that the front can
+# relay as it is (see corral.worker); always the first param when present.
+FRAME_PARAM = b"CORRAL_FRAME"
 
 # One response header line: a token, a colon, and a value without control
 # bytes (a tab is allowed), the whitespace around the value not part of it.
 _HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*"
                           rb"([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\r?")
+
+
+# A worker's HTTP/1.1 head (FRAME_PARAM): status line, the Content-Length
+# first, then header lines as parse_cgi_head would accept them, checked in
+# one pass since the front sends it on unchanged.
+_FRAMED_HEAD = re.compile(rb"HTTP/1\.1 ([1-9][0-9][0-9]) [^\x00-\x08\x0a-\x1f\x7f]*\r\n"
+                          rb"Content-Length: ([0-9]{1,18})\r\n"
+                          rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+: [^\x00-\x08\x0a-\x1f\x7f]*\r\n)*"
+                          rb"\r\n")
+
+
+def check_framed_head(data: bytes, stop: int) -> tuple[int, bytes, int]:
+    """Status code, the head itself and the Content-Length of an HTTP head
+    that ends at `stop` in `data` (a worker's, asked for by FRAME_PARAM), or
+    GatewayError: it goes to the client as it is, so it is checked whole."""
+    checked = _FRAMED_HEAD.fullmatch(data, 0, stop)
+    if checked is None:
+        raise GatewayError(f"worker sent an invalid HTTP response head {data[:80]!r}")
+    return int(checked[1]), data[:stop], int(checked[2])
 
 
 def parse_cgi_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
@@ -191,6 +214,7 @@ class Link(asyncio.Protocol):
             self.answered = True
         body = []
         started = False  # the head became complete in this batch
+        framed = False  # and it is an HTTP head of the worker's (FRAME_PARAM)
         for index, event in enumerate(events):
             kind = type(event)
             if kind is Stdout:
@@ -217,8 +241,13 @@ class Link(asyncio.Protocol):
                     if not self.head:
                         self.head += data
                     continue
+                # An HTTP head is one we asked for (FRAME_PARAM), relayed as it is.
+                framed = self.claim_fd is not None and data.startswith(b"HTTP/1.1 ")
                 try:
-                    status = parse_cgi_head(data[:end])
+                    if framed:
+                        status = check_framed_head(data, end + cut)
+                    else:
+                        status = parse_cgi_head(data[:end])
                 except GatewayError as exc:
                     self.fail(exc)
                     return
@@ -253,6 +282,8 @@ class Link(asyncio.Protocol):
                 if not self.head_done:
                     handler.upstream_failed(GatewayError(
                         f"worker pid {self.worker.pid} ended the request without a response"))
+                elif started and framed:
+                    handler.upstream_framed(*status, b"".join(body))
                 elif started:
                     handler.upstream_whole(*status, b"".join(body))
                 else:
@@ -273,7 +304,10 @@ class Link(asyncio.Protocol):
         if handler is None:
             return
         if started:
-            handler.upstream_head(*status)
+            if framed:
+                handler.upstream_framed_head(*status)
+            else:
+                handler.upstream_head(*status)
         for piece in body:
             handler.upstream_body(piece)
 
@@ -307,6 +341,8 @@ class Link(asyncio.Protocol):
         self.sent_at = time.monotonic()
         self.worker.request_started(self)  # arms [app] request_timeout
         rid = self.rid
+        if self.claim_fd is None and params and params[0][0] is FRAME_PARAM:
+            params = params[1:]  # not one of corral's workers: a CGI head it is
         head = ServerConnection.begin_request(rid, params)
         if isinstance(body, (bytes, bytearray)):
             if body:
@@ -450,6 +486,8 @@ class _Discard:
 
     def upstream_head(self, *args) -> None: pass
     def upstream_whole(self, *args) -> None: pass
+    def upstream_framed_head(self, *args) -> None: pass
+    def upstream_framed(self, *args) -> None: pass
     def upstream_body(self, data) -> None: pass
     def upstream_end(self) -> None: pass
     def upstream_failed(self, error) -> None: pass
