@@ -879,11 +879,8 @@ class Pool:
         `fresh`: it has just ended a request."""
         worker = link.worker
         if link.handler is not None:
-            # Busy with the request that was behind: another may go behind it.
-            if (self.state == "ready" and self.waiters and self.waiters[0].behind_ok
-                    and worker.state == "busy"
-                    and link.can_take_behind(time.monotonic(), self.behind_limit)):
-                self.waiters.popleft().settle(link)
+            # Busy with the request that was behind: more may go behind it.
+            self._fill_behind(link)
             return
         if worker.state == "retiring":
             self._dismiss(worker)  # its request is done: now it may go
@@ -898,12 +895,23 @@ class Pool:
                 (fresh and self.engine.builtin) or link.alive()):
             worker.state = "busy"
             self.waiters.popleft().settle(link)
+            self._fill_behind(link)
             return
         if self.state == "ready" and self._take_back_for(link):
             return
         worker.state = "idle"
         worker.idle_since = time.monotonic()
         self.idle.append(link)
+
+    def _fill_behind(self, link: Link) -> None:
+        """Busy `link` takes the first waiting requests behind its current
+        one, as many as it may (see Link.can_take_behind)."""
+        if self.state != "ready" or link.worker.state != "busy" or link.worker.leaving:
+            return
+        now = time.monotonic()
+        while (self.waiters and self.waiters[0].behind_ok
+               and link.can_take_behind(now, self.behind_limit)):
+            self.waiters.popleft().settle(link)
 
     # -- timeouts and recycling ------------------------------------------------
 
@@ -916,9 +924,8 @@ class Pool:
         handler, link.handler = link.handler, None  # what the worker sends now is dropped
         if handler is None or link.closed:
             return
-        behind = link.take_back()
-        if behind is not None:  # not begun, and this worker will not begin it now
-            link.behind = None
+        # Those behind it have not begun, and this worker will not begin them now.
+        while (behind := link.take_back()) is not None:
             behind.handler.upstream_resend()
         timeout, grace = self.limits.request_timeout, self.limits.timeout_grace
         describe = getattr(handler, "describe", None)
@@ -1163,23 +1170,26 @@ class Pool:
         best = None
         for worker in self.workers.values():
             link = worker.link
+            # The fewest behind, then the one that began first: likely to end first.
             if (link is not None and worker.state == "busy" and not worker.leaving
                     and link.can_take_behind(now, limit)
-                    and (best is None or link.sent_at < best.sent_at)):
-                best = link  # the one that began first is likely to end first
+                    and (best is None or (len(link.behind), link.sent_at)
+                         < (len(best.behind), best.sent_at))):
+                best = link
         return best
 
     def _take_back_for(self, link: Link) -> bool:
         """`link` is free and nothing waits: take back the oldest request
         sent behind a busy worker, if that worker has not begun it, and
         send it on `link` instead."""
-        oldest = None
+        oldest, since = None, 0.0
         for worker in self.workers.values():
             other = worker.link
-            if (other is not None and other is not link and other.behind is not None
-                    and not other.behind.taken
-                    and (oldest is None or other.behind.sent_at < oldest.behind.sent_at)):
-                oldest = other
+            if other is None or other is link:
+                continue
+            sent_at = other.waiting_since()
+            if sent_at is not None and (oldest is None or sent_at < since):
+                oldest, since = other, sent_at
         behind = oldest.take_back() if oldest is not None else None
         if behind is None:
             return False

@@ -66,9 +66,10 @@ SETTINGS: tuple[Setting, ...] = (
             "With a `processes` range: seconds a worker above MIN may stay idle "
             "before it is stopped.", minimum=0.1),
     Setting("app", "behind_limit", "float", 0.25,
-            "With no worker free, a request may be sent to a busy `python` worker, "
-            "to begin the moment its current request ends (no gap while the front "
-            "reads that end and sends the next); this is how long, in seconds, the "
+            "With no worker free, a request may be sent to a busy `python` worker "
+            "(two at most wait behind each), to begin the moment its current request "
+            "ends (no gap while the front reads that end and sends the next); this "
+            "is how long, in seconds, the "
             "current request may have run already for that. A request sent behind "
             "is taken back for any worker that frees up first, so it never runs "
             "twice and never waits on a slow one. 0: never send behind.", minimum=0),

@@ -418,7 +418,7 @@ def make_claim_file() -> tuple[int, bytes] | None:
 class Peer:
     """One connection from the web server, and the request arriving on it."""
 
-    __slots__ = ("sock", "codec", "body", "body_size", "params")
+    __slots__ = ("sock", "codec", "body", "body_size", "params", "last_rid")
 
     def __init__(self, sock: socket.socket, claim_path: bytes | None) -> None:
         self.sock = sock
@@ -432,6 +432,7 @@ class Peer:
         self.body = None  # the request body being received, spooled past a size
         self.body_size = 0
         self.params: list[tuple[bytes, bytes]] | None = None
+        self.last_rid: int | None = None  # the id of the request that ended last
 
     def close(self) -> None:
         if self.body is not None:
@@ -448,7 +449,9 @@ class Worker:
         self.busy = False
         self.stopping = False
         self.claim_file: tuple | None = None  # (fd, path), made with the first connection
-        self.held_claim: int | None = None  # the id whose claim byte we hold
+        # The claim bytes we hold (see claim), by the request id whose next
+        # arrival lets each go.
+        self.held_claims: dict[int, int] = {}
 
     # Signals: SIGTERM asks for a graceful exit.  Between requests we leave at
     # once; during one (from its BEGIN_REQUEST on), after its response is sent.
@@ -586,14 +589,14 @@ class Worker:
                 if params and params[0][0] == FRAME_PARAM:
                     frame, params = params[0][1], params[1:]
                 rid = connection.request_id
-                if self.held_claim is not None:
+                if self.held_claims:
                     self.let_go(rid)
                 try:
                     if any(type(later) is AbortRequest and later.request_id == rid
                            for later in events[index + 1:]):
                         # Given up on while it waited behind another: never run.
                         conn.sendall(connection.finish())
-                    elif claim is not None and not self.claim(rid):
+                    elif claim is not None and not self.claim(rid, peer.last_rid):
                         # Sent ahead to us, then taken back for another worker.
                         conn.sendall(connection.finish())
                     elif not self.run_request(conn, connection, params, body,
@@ -601,6 +604,7 @@ class Worker:
                         return False  # the response was cut short: drop the connection
                 finally:
                     body.close()  # a spooled body's temporary file goes now
+                    peer.last_rid = rid
                 if not connection.keep_conn or self.stopping:
                     return False
                 events.extend(connection.resume())  # a request held behind this one
@@ -623,12 +627,13 @@ class Worker:
                     return False
         return True
 
-    def claim(self, rid: int) -> bool:
+    def claim(self, rid: int, after: int | None) -> bool:
         """Take the byte lock of a request sent behind another (at its id's
-        offset); False if the front has it.  We keep it until a request with
-        the other id comes (let_go): the front may still try to take this
-        one back until it has read its end, and it sends a request with the
-        other id only after that."""
+        offset); False if the front has it.  `after`: the id of the request
+        that came before it here.  The front may try to take this one back
+        until it has read the end of that one, and it uses an id again only
+        once it has read the end of the request that had it: so we keep the
+        lock until a request with id `after` comes (let_go)."""
         fd = self.claim_file[0] if self.claim_file else None
         if fd is None:
             return True  # we offered no queueing: the mark means nothing here
@@ -636,17 +641,17 @@ class Worker:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, rid)
         except OSError:
             return False
-        self.held_claim = rid
+        self.held_claims[after] = rid
         return True
 
     def let_go(self, rid: int) -> None:
-        """A request with id `rid` is here: the front sent it only after it
-        had read the end of the last one with the other id, so the byte we
-        hold for that one may go, whether or not we run this one."""
-        if self.held_claim == 3 - rid:
-            self.held_claim = None
+        """A request with id `rid` is here: the front has read the end of the
+        last one with that id, so the lock of the request that came after
+        that one may go, whether or not we run this one."""
+        held = self.held_claims.pop(rid, None)
+        if held is not None:
             with contextlib.suppress(OSError):
-                fcntl.lockf(self.claim_file[0], fcntl.LOCK_UN, 1, 3 - rid)
+                fcntl.lockf(self.claim_file[0], fcntl.LOCK_UN, 1, held)
 
     def run_request(self, conn, connection, params, body, body_size: int,
                     frame: bytes | None = None) -> bool:
@@ -763,10 +768,17 @@ def refuse_unread(peers: list[Peer]) -> None:
 
 
 def _refuse(peer: Peer, events: list) -> None:
-    """END_REQUEST OVERLOADED for each request begun among `events`."""
-    peer.codec.request_id = None  # refused, so over: its id may come again
-    refusals = b"".join(peer.codec.end_request(e.request_id, 0, fastcgi.ProtocolStatus.OVERLOADED)
-                        for e in events if type(e) is BeginRequest)
+    """END_REQUEST OVERLOADED for each request begun among `events`, and for
+    each the codec still holds behind them."""
+    refused = []
+    while True:
+        refused += [e.request_id for e in events if type(e) is BeginRequest]
+        peer.codec.request_id = None  # refused, so over: its id may come again
+        events = peer.codec.resume()
+        if not events:
+            break
+    refusals = b"".join(peer.codec.end_request(rid, 0, fastcgi.ProtocolStatus.OVERLOADED)
+                        for rid in refused)
     if refusals:
         with contextlib.suppress(OSError):
             peer.sock.setblocking(True)

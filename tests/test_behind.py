@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -149,3 +150,29 @@ def test_a_request_given_up_while_behind_another_never_runs(two_busy):
     after.join(30)
     assert after.status == 200
     assert calls(app, "/echo?gone") == 0
+
+
+def test_two_requests_wait_behind_a_busy_worker_and_a_third_in_the_queue(tmp_path):
+    app = cases_app(tmp_path, processes=1)
+    toml = (app / "corral.toml").read_text().replace("[app]\n", "[app]\nbehind_limit = 30\n", 1)
+    (app / "corral.toml").write_text(toml)
+    server = ServerProcess(app, "--log-level", "DEBUG").wait_ready()
+    behind = r"goes behind worker pid \d+'s current request"
+    try:
+        busy = get(server.port, "/slow?2")
+        wait_until(lambda: calls(app, "/slow?2") == 1)
+        first = post(server.port, "/echo?b1")
+        server.wait_for(behind, 10)
+        second = post(server.port, "/echo?b2")
+        server.wait_for(behind, 10, count=2)
+        assert busy.done_at == 0  # both went behind while the worker was busy
+        third = post(server.port, "/echo?b3")  # two are behind already: it waits...
+        for client in (busy, first, second, third):
+            client.join(30)
+        assert [c.status for c in (busy, first, second, third)] == [200] * 4
+        # ...and goes behind the first once that one is the worker's current.
+        assert len(re.findall(behind, server.log)) == 3
+        assert [calls(app, f"/echo?b{i}") for i in (1, 2, 3)] == [1, 1, 1]
+        assert first.done_at <= second.done_at <= third.done_at  # in the order they came
+    finally:
+        server.stop()

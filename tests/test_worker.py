@@ -781,6 +781,38 @@ def test_a_request_taken_back_by_the_front_is_ended_without_running(worker):
     client.close()
 
 
+def test_two_requests_behind_the_one_in_flight_run_in_order_and_hold_their_claims(worker):
+    def free(byte: int) -> bool:
+        """Whether the front could take the lock at `byte` now (and it lets go again)."""
+        try:
+            fcntl.lockf(claim, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
+        except OSError:
+            return False
+        fcntl.lockf(claim, fcntl.LOCK_UN, 1, byte)
+        return True
+
+    client = FastCGIClient(worker.path)
+    claim = os.open(claim_path(client), os.O_RDWR)
+    try:
+        client.send(request_bytes("/slow?0.2") + behind_bytes("/echo/two", 2)
+                    + behind_bytes("/echo/three", 3))
+        assert parse(client.read_response(1)[0]).body == b"slept 0.2\n"
+        assert json.loads(parse(client.read_response(2)[0]).body)["PATH_INFO"] == "/echo/two"
+        assert json.loads(parse(client.read_response(3)[0]).body)["PATH_INFO"] == "/echo/three"
+        # Each lock is kept until the id of the request before it comes again:
+        # only then has the front read that one's end.
+        assert not free(2) and not free(3)
+        client.send(request_bytes("/pid", request_id=1))
+        client.read_response(1)
+        assert free(2) and not free(3)
+        client.send(request_bytes("/pid", request_id=2))
+        client.read_response(2)
+        assert free(3)
+    finally:
+        os.close(claim)
+    client.close()
+
+
 def test_a_worker_not_asked_to_hold_requests_refuses_a_second_one(worker):
     client = FastCGIClient(worker.path)
     client.send(request_bytes("/slow?0.2") + behind_bytes("/pid", 2))

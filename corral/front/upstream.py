@@ -35,7 +35,13 @@ log = logging.getLogger("corral.error")
 MAX_HEAD = 64 * 1024  # largest CGI response head accepted from a worker
 BEHIND_BODY = 64 * 1024  # larger bodies wait for a free worker instead
 BODY_PIECE = 1 << 16  # request bodies from a spool file go out in pieces this big
-REQUEST_ID = 1  # the first request's id; one sent behind it gets the other (2)
+REQUEST_ID = 1  # the first request's id; those sent behind it take the next ones
+# How many requests may wait behind a worker's current one.  Two, so that a
+# worker with short requests still finds one waiting when the front, busy
+# with other connections, is slow to send the next.  The ids go round
+# 1, 2, 3: an id is free again only once its request's end is read.
+BEHIND_DEPTH = 2
+_IDS = BEHIND_DEPTH + 1
 CLAIM_PARAM = b"CORRAL_CLAIM"  # marks a request sent behind another (see corral.worker)
 # Asks one of corral's own workers for an HTTP/1.1 head that the front can
 # relay as it is (see corral.worker); always the first param when present.
@@ -117,10 +123,10 @@ class Behind:
     def __init__(self, handler, rid: int, params, body: bytes) -> None:
         self.handler = handler
         # Its byte in the worker's claim file is at offset `rid`.  The
-        # worker holds the byte of the last request it began from behind
-        # until a request with the other id comes, which we send only after
-        # we have read this one's end: so a request the worker has begun,
-        # even one whose end we have not read yet, can never be taken back.
+        # worker holds the byte of a request it began from behind until a
+        # request comes with the id of the one before it, which we send only
+        # after we have read that one's end: so a request the worker has
+        # begun can never be taken back while it is still behind for us.
         self.rid = rid
         self.params, self.body = params, body  # kept, to send it elsewhere instead
         self.sent_at = time.monotonic()
@@ -129,9 +135,9 @@ class Behind:
 
 class Link(asyncio.Protocol):
     """A kept FastCGI connection to one worker, free or serving one request
-    (and, to one of corral's own workers, maybe one more behind it).
+    (and, to one of corral's own workers, maybe BEHIND_DEPTH more behind it).
 
-    Why one behind: a worker that finishes a request would otherwise wait,
+    Why send ahead: a worker that finishes a request would otherwise wait,
     idle, until the front has read the end and sent the next; under load
     that gap is a large share of each request.  A request sent behind is
     read by the worker the moment it is free.  It may be taken back while it
@@ -152,7 +158,7 @@ class Link(asyncio.Protocol):
         self.answered = False  # the worker sent anything for the current request
         self.sent_at = 0.0  # when the current request was sent (monotonic)
         self.rid = REQUEST_ID  # the current request's id
-        self.behind: Behind | None = None
+        self.behind: list[Behind] = []  # in the order the worker will begin them
         self.claim_fd: int | None = None  # the worker's claim file: it takes requests behind
         self.closed = False
         self._drained: asyncio.Future | None = None
@@ -185,12 +191,11 @@ class Link(asyncio.Protocol):
             self.ready.exception()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
-        behind, self.behind = self.behind, None
+        behind, self.behind = self.behind, []
         self.on_lost(self)
-        if behind is not None and not behind.taken:
-            # Not begun (it would be the current request by now): the worker
-            # cannot have acted on it, so it goes elsewhere, whatever its method.
-            behind.handler.upstream_resend()
+        # Not begun (it would be the current request by now): the worker
+        # cannot have acted on it, so it goes elsewhere, whatever its method.
+        resend(behind)
 
     def pause_writing(self) -> None:
         self._drained = asyncio.get_running_loop().create_future()
@@ -364,16 +369,18 @@ class Link(asyncio.Protocol):
 
     def can_take_behind(self, now: float, limit: float) -> bool:
         """Whether a request may be sent behind the current one: the worker
-        takes them, none is behind yet, and the current one has not run
-        `limit` seconds already ([app] behind_limit: past it, it looks slow,
-        and the next one is better off waiting for any worker)."""
-        return (self.claim_fd is not None and self.behind is None and not self.closed
-                and self.handler is not None and type(self.handler) is not _Discard
-                and now - self.sent_at < limit)
+        takes them, fewer than BEHIND_DEPTH are behind yet, and the current
+        one has not run `limit` seconds already ([app] behind_limit: past
+        it, it looks slow, and the next one is better off waiting for any
+        worker)."""
+        return (self.claim_fd is not None and len(self.behind) < BEHIND_DEPTH
+                and not self.closed and self.handler is not None
+                and type(self.handler) is not _Discard and now - self.sent_at < limit)
 
     def _send_behind(self, params, body: bytes, handler) -> None:
-        rid = 3 - self.rid  # ids 1 and 2 take turns
-        self.behind = Behind(handler, rid, params, body)
+        last = self.behind[-1].rid if self.behind else self.rid
+        rid = last % _IDS + 1  # the next id round: free, since fewer are in flight
+        self.behind.append(Behind(handler, rid, params, body))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("a request goes behind worker pid %s's current request", self.worker.pid)
         out = ServerConnection.begin_request(rid, [(CLAIM_PARAM, b"1"), *params])
@@ -381,19 +388,29 @@ class Link(asyncio.Protocol):
             out += ServerConnection.stdin(rid, body)
         self.transport.write(out + ServerConnection.stdin(rid, b""))
 
+    def waiting_since(self) -> float | None:
+        """When the oldest request behind the current one that may still be
+        taken back was sent, or None."""
+        for behind in self.behind:
+            if not behind.taken and type(behind.handler) is not _Discard:
+                return behind.sent_at
+        return None
+
     def take_back(self) -> Behind | None:
-        """The request behind the current one, if the worker has not begun
-        it: it is then ours to send elsewhere, and the worker will skip it."""
-        behind = self.behind
-        if (behind is None or behind.taken or self.claim_fd is None
-                or type(behind.handler) is _Discard):  # given up: the worker skips it
+        """The first request behind the current one that the worker has not
+        begun: it is then ours to send elsewhere, and the worker will skip it."""
+        if self.claim_fd is None:
             return None
-        try:
-            fcntl.lockf(self.claim_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, behind.rid)
-        except OSError:
-            return None  # the worker holds it: it runs now
-        behind.taken = True
-        return behind
+        for behind in self.behind:
+            if behind.taken or type(behind.handler) is _Discard:  # the worker skips it
+                continue
+            try:
+                fcntl.lockf(self.claim_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, behind.rid)
+            except OSError:
+                continue  # the worker holds it: it runs now (the next may not have begun)
+            behind.taken = True
+            return behind
+        return None
 
     def _unlock(self, rid: int) -> None:
         if self.claim_fd is not None:
@@ -406,7 +423,7 @@ class Link(asyncio.Protocol):
         """The current request has ended: the one behind it, if any, is now
         current (the worker has begun it, or will skip it if taken back);
         `later` are the events read after the end, which are the new one's."""
-        behind, self.behind = self.behind, None
+        behind = self.behind.pop(0) if self.behind else None
         if behind is not None:
             self.rid = behind.rid
             self.handler = _Taken() if behind.taken else behind.handler
@@ -422,14 +439,13 @@ class Link(asyncio.Protocol):
 
     def _refused(self, handler) -> None:
         """The worker refused the current request (it is stopping): the
-        request goes elsewhere, and so does the one behind it, if any; the
+        request goes elsewhere, and so do those behind it; the
         link is done, since the worker is going away."""
-        behind, self.behind = self.behind, None
+        behind, self.behind = self.behind, []
         self.head.clear()
         self.head_done = False
         handler.upstream_resend()
-        if behind is not None and not behind.taken:
-            behind.handler.upstream_resend()
+        resend(behind)
         self.transport.close()
 
     def _open_claim(self, path: bytes | None) -> None:
@@ -445,8 +461,9 @@ class Link(asyncio.Protocol):
         """The client went away: ask the worker to stop; the link stays busy
         until END_REQUEST, so a request never lands on a worker still at work.
         `handler`: the request that is given up (default: the current one)."""
-        behind = self.behind
-        if behind is not None and handler is not None and behind.handler is handler:
+        for behind in self.behind:
+            if handler is None or behind.handler is not handler:
+                continue
             if not behind.taken and not self.closed:
                 log.info("client gone: dropping the request behind worker pid %s's "
                          "current one", self.worker.pid)
@@ -466,9 +483,8 @@ class Link(asyncio.Protocol):
         log.error("worker pid %s: %s", self.worker.pid, error.reason)
         if handler is not None:
             handler.upstream_failed(error)
-        behind, self.behind = self.behind, None
-        if behind is not None and not behind.taken:
-            behind.handler.upstream_resend()  # never begun: safe to send elsewhere
+        behind, self.behind = self.behind, []
+        resend(behind)  # never begun: safe to send elsewhere
         if self.transport is not None:
             self.transport.close()
 
@@ -479,6 +495,14 @@ class Link(asyncio.Protocol):
     def resume(self) -> None:
         if not self.closed:
             self.transport.resume_reading()
+
+
+def resend(behind: list[Behind]) -> None:
+    """Send elsewhere the requests that were behind a link that is ending:
+    none was begun, or it would be the link's current request by now."""
+    for request in behind:
+        if not request.taken:
+            request.handler.upstream_resend()
 
 
 class _Discard:
