@@ -51,7 +51,7 @@ from corral import metrics
 from corral.config import AppConfig
 from corral.deploy import DeployResult, run_deploy
 from corral.front.errors import GatewayError, GatewayTimeout, Unavailable
-from corral.front.upstream import Link
+from corral.front.upstream import Link, TimedOut
 from corral.preload import PRELOADER_GONE, Preloader
 from corral.worker import EXIT_APP_LOAD_ERROR
 
@@ -921,9 +921,11 @@ class Pool:
         worker is asked to stop, killed after [app] timeout_grace, and
         replaced at once, since it is stuck."""
         worker = link.worker
-        handler, link.handler = link.handler, None  # what the worker sends now is dropped
+        handler = link.handler
         if handler is None or link.closed:
             return
+        link.handler = TimedOut()  # what the worker sends now is dropped
+        link.resume()  # paused for a slow client, it would not see the worker go
         # Those behind it have not begun, and this worker will not begin them now.
         while (behind := link.take_back()) is not None:
             behind.handler.upstream_resend()
@@ -1028,6 +1030,7 @@ class Pool:
             for worker in self.all_workers():
                 link = worker.link
                 if (link is not None and link.handler is not None and not link.closed
+                        and type(link.handler) is not TimedOut
                         and link.sent_at <= late and worker.state != "dead"):
                     self.request_timed_out(link)
 

@@ -418,7 +418,7 @@ def make_claim_file() -> tuple[int, bytes] | None:
 class Peer:
     """One connection from the web server, and the request arriving on it."""
 
-    __slots__ = ("sock", "codec", "body", "body_size", "params", "last_rid")
+    __slots__ = ("sock", "codec", "body", "body_size", "params", "rid", "previous_rid")
 
     def __init__(self, sock: socket.socket, claim_path: bytes | None) -> None:
         self.sock = sock
@@ -432,7 +432,9 @@ class Peer:
         self.body = None  # the request body being received, spooled past a size
         self.body_size = 0
         self.params: list[tuple[bytes, bytes]] | None = None
-        self.last_rid: int | None = None  # the id of the request that ended last
+        # The ids of the request that began last and of the one before it.
+        self.rid: int | None = None
+        self.previous_rid: int | None = None
 
     def close(self) -> None:
         if self.body is not None:
@@ -589,14 +591,12 @@ class Worker:
                 if params and params[0][0] == FRAME_PARAM:
                     frame, params = params[0][1], params[1:]
                 rid = connection.request_id
-                if self.held_claims:
-                    self.let_go(rid)
                 try:
                     if any(type(later) is AbortRequest and later.request_id == rid
                            for later in events[index + 1:]):
                         # Given up on while it waited behind another: never run.
                         conn.sendall(connection.finish())
-                    elif claim is not None and not self.claim(rid, peer.last_rid):
+                    elif claim is not None and not self.claim(rid, peer.previous_rid):
                         # Sent ahead to us, then taken back for another worker.
                         conn.sendall(connection.finish())
                     elif not self.run_request(conn, connection, params, body,
@@ -604,7 +604,6 @@ class Worker:
                         return False  # the response was cut short: drop the connection
                 finally:
                     body.close()  # a spooled body's temporary file goes now
-                    peer.last_rid = rid
                 if not connection.keep_conn or self.stopping:
                     return False
                 events.extend(connection.resume())  # a request held behind this one
@@ -614,23 +613,29 @@ class Worker:
                 peer.body = tempfile.SpooledTemporaryFile(SPOOL_THRESHOLD)
                 peer.body_size = 0
                 peer.params = None  # never the previous request's, on a kept connection
+                peer.previous_rid, peer.rid = peer.rid, event.request_id
+                if self.held_claims:
+                    self.let_go(event.request_id)
             elif kind is AbortRequest:
-                if connection.request_id is None:
-                    # Read in the same batch as the body's end, so the
-                    # request has run and ended already: nothing to abort.
+                if event.request_id != connection.request_id:
+                    # For a request that has ended already: read in the same
+                    # batch as its body's end (it ran), or held behind
+                    # another and skipped when its turn came.
                     continue
                 # Aborted before the app ran: nothing to stop, just end it.
                 conn.sendall(connection.finish())
-                peer.body.close()
-                peer.body = None
-                if not connection.keep_conn:
+                if peer.body is not None:
+                    peer.body.close()
+                    peer.body = None
+                if not connection.keep_conn or self.stopping:
                     return False
+                events.extend(connection.resume())  # a request held behind this one
         return True
 
     def claim(self, rid: int, after: int | None) -> bool:
         """Take the byte lock of a request sent behind another (at its id's
         offset); False if the front has it.  `after`: the id of the request
-        that came before it here.  The front may try to take this one back
+        that began before it here.  The front may try to take this one back
         until it has read the end of that one, and it uses an id again only
         once it has read the end of the request that had it: so we keep the
         lock until a request with id `after` comes (let_go)."""

@@ -176,3 +176,68 @@ def test_two_requests_wait_behind_a_busy_worker_and_a_third_in_the_queue(tmp_pat
         assert first.done_at <= second.done_at <= third.done_at  # in the order they came
     finally:
         server.stop()
+
+
+def one_worker(tmp_path, extra: str = ""):
+    app = cases_app(tmp_path, processes=1)
+    toml = (app / "corral.toml").read_text().replace(
+        "[app]\n", f"[app]\nbehind_limit = 30\n{extra}", 1)
+    (app / "corral.toml").write_text(toml)
+    return app, ServerProcess(app, "--log-level", "DEBUG").wait_ready()
+
+
+def test_a_client_leaving_while_behind_another_does_not_cost_the_next_one(tmp_path):
+    app, server = one_worker(tmp_path)
+    behind = r"goes behind worker pid \d+'s current request"
+    try:
+        busy = get(server.port, "/slow?1.5")
+        wait_until(lambda: calls(app, "/slow?1.5") == 1)
+        gone = Client(server.port, b"POST /echo?gone HTTP/1.1\r\nHost: t\r\n"
+                                   b"Content-Length: 4\r\n\r\ngone")
+        gone.sock.sendall(gone.raw)
+        server.wait_for(behind, 10)
+        kept = post(server.port, "/echo?kept")
+        server.wait_for(behind, 10, count=2)
+        gone.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        gone.sock.close()
+        server.wait_for(r"client gone: dropping the request behind", 10)
+        busy.join(30)
+        kept.join(30)
+        assert (busy.status, kept.status) == (200, 200)
+        assert json.loads(kept.body)["body"] == "order"
+        assert (calls(app, "/echo?gone"), calls(app, "/echo?kept")) == (0, 1)
+        assert "Traceback" not in server.log
+    finally:
+        server.stop()
+
+
+def test_requests_behind_one_stuck_on_a_slow_client_run_once_when_that_times_out(tmp_path):
+    # The client of /big reads nothing, so the front stops reading the
+    # worker's output (backpressure) and the worker blocks writing it until
+    # request_timeout.  The second request behind it cannot be taken back
+    # then: the worker still holds its claim byte for the request that last
+    # had that id (it lets it go when the first one behind comes up).
+    app, server = one_worker(tmp_path, "request_timeout = 1\ntimeout_grace = 1\n")
+    behind = r"goes behind worker pid \d+'s current request"
+    try:
+        slow = get(server.port, "/slow?0.5")
+        wait_until(lambda: calls(app, "/slow?0.5") == 1)
+        first = post(server.port, "/echo?p1")
+        server.wait_for(behind, 10)
+        stuck = connect(server.port, timeout=60)
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        server.wait_for(behind, 10, count=2)
+        wait_until(lambda: calls(app, "/big") == 1)
+        x1 = post(server.port, "/echo?x1")
+        server.wait_for(behind, 10, count=3)
+        x2 = post(server.port, "/echo?x2")
+        server.wait_for(behind, 10, count=4)
+        server.wait_for(r"timed out: GET /big", 30)
+        for client in (slow, first, x1, x2):
+            client.join(30)
+        assert [c.status for c in (slow, first, x1, x2)] == [200] * 4
+        assert [calls(app, f"/echo?{n}") for n in ("p1", "x1", "x2")] == [1, 1, 1]
+        stuck.close()
+    finally:
+        server.stop()

@@ -413,6 +413,8 @@ def test_header_timeout_closes_a_slow_head(tmp_path):
     (b"Location: /x", (302, b"Found", [(b"Location", b"/x")])),
     (b"X: a\tb\nY:", (200, b"OK", [(b"X", b"a\tb"), (b"Y", b"")])),
     (b"Content-Length: 5\r\nContent-Length: 5", (200, b"OK", [(b"Content-Length", b"5")])),
+    # A Status header the app set itself comes after the worker's own.
+    (b"Status: 200 OK\r\nStatus: 404 Nope", (200, b"OK", [(b"Status", b"404 Nope")])),
 ])
 def test_a_worker_response_head_is_parsed(head, expected):
     from corral.front.upstream import parse_cgi_head
@@ -469,3 +471,17 @@ def test_an_http_10_keep_alive_client_is_told_so_by_a_worker_written_head(cases_
         status, headers, body, raw = read_response(sock)
         assert raw.endswith(b"\r\nConnection: close") and raw.count(b"Connection") == 1
         assert is_closed(sock)
+
+
+def test_requests_pipelined_after_one_that_closes_are_dropped_and_the_rest_served(cases_server):
+    with connect(cases_server.port) as sock:
+        sock.sendall(b"GET /echo?d1 HTTP/1.1\r\nHost: a\r\n\r\n"
+                     b"GET /echo?b1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                     b"GET /echo?never HTTP/1.1\r\nHost: a\r\n\r\n")
+        first = read_response(sock)
+        second = read_response(sock)
+        assert (first[0], json.loads(first[2])["QUERY_STRING"]) == (200, "d1")
+        assert (second[0], json.loads(second[2])["QUERY_STRING"]) == (200, "b1")
+        assert second[1]["connection"] == "close"
+        assert is_closed(sock)
+    assert "/echo?never" not in cases_server.calls.read_text().splitlines()

@@ -813,6 +813,20 @@ def test_two_requests_behind_the_one_in_flight_run_in_order_and_hold_their_claim
     client.close()
 
 
+def test_an_abort_for_a_held_request_ends_that_one_and_the_next_still_runs(worker):
+    client = FastCGIClient(worker.path)
+    claim_path(client)
+    client.send(request_bytes("/slow?0.2") + behind_bytes("/echo/gone", 2)
+                + behind_bytes("/echo/three", 3) + ServerConnection.abort_request(2))
+    assert parse(client.read_response(1)[0]).body == b"slept 0.2\n"
+    stdout, _, end = client.read_response(2)
+    assert (stdout, end.protocol_status) == (b"", ProtocolStatus.REQUEST_COMPLETE)
+    assert json.loads(parse(client.read_response(3)[0]).body)["PATH_INFO"] == "/echo/three"
+    assert ask(client, "/pid").status == 200  # and the worker serves on
+    client.close()
+    assert "Traceback" not in worker.stop()
+
+
 def test_a_worker_not_asked_to_hold_requests_refuses_a_second_one(worker):
     client = FastCGIClient(worker.path)
     client.send(request_bytes("/slow?0.2") + behind_bytes("/pid", 2))

@@ -118,7 +118,7 @@ class HttpConnection(asyncio.Protocol):
                  "peer", "closing", "lost", "eof", "linger_left", "line_open",
                  "continue_due", "link", "keep_alive", "chunked_response", "body_expected",
                  "remaining", "deadline", "timer", "timer_kind", "_drained", "loop",
-                 "cgi")
+                 "cgi", "last_read")
 
     def __init__(self, server) -> None:
         self.server = server  # corral.front.server.Front: limits, router, logs
@@ -146,6 +146,9 @@ class HttpConnection(asyncio.Protocol):
         self._drained: asyncio.Future | None = None
         self.loop = None  # the running loop, looked up once
         self.cgi = None  # what the params of every request on it share (Front.params)
+        # A request that closes the connection (Connection: close, or HTTP/1.0
+        # without keep-alive) has been read: nothing after it is served.
+        self.last_read = False
 
     # -- asyncio callbacks ---------------------------------------------------
 
@@ -181,6 +184,8 @@ class HttpConnection(asyncio.Protocol):
                 if self.linger_left < 0:
                     self.transport.close()
             return
+        if self.last_read:
+            return  # RFC 9112 9.6: requests after the one that closes are not processed
         if self.timer_kind == "idle":
             self.arm("header", self.limits["header_timeout"])
         if self.request is None or self.line_open:
@@ -194,6 +199,10 @@ class HttpConnection(asyncio.Protocol):
             # the connection closes (its remaining bytes are not HTTP/1.1).
             self.keep_alive = False
         except httptools.HttpParserError as exc:
+            if self.last_read:
+                # llhttp refuses bytes after a request that closes, in the same
+                # read: they are dropped, and the requests before them served.
+                return
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, HTTPError):  # raised by one of our callbacks
                 self.reject(cause)
@@ -365,6 +374,8 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         request, self.request = self.request, None
+        if not request.keep_alive:
+            self.last_read = True
         if request.body is not None and not isinstance(request.body, bytearray):
             request.body.seek(0)
         if self.current is None:

@@ -77,6 +77,8 @@ def parse_cgi_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
 
     The front re-serializes this head, so it checks again what the worker
     should have checked: a control byte anywhere is refused (GatewayError).
+    Only the first Status line is the status: corral's worker writes it
+    first, and a later one is a header the app itself set, sent on as such.
     """
     status, reason = 200, b"OK"
     headers = []
@@ -94,7 +96,7 @@ def parse_cgi_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
             headers.append((name, value))
             continue
         lower = name.lower()
-        if lower == b"status":
+        if lower == b"status" and not has_status:
             code, _, reason = value.partition(b" ")
             if len(code) != 3 or not code.isdigit() or not 100 <= int(code) <= 999:
                 raise GatewayError(f"worker sent an invalid Status {value[:80]!r}")
@@ -375,7 +377,8 @@ class Link(asyncio.Protocol):
         worker)."""
         return (self.claim_fd is not None and len(self.behind) < BEHIND_DEPTH
                 and not self.closed and self.handler is not None
-                and type(self.handler) is not _Discard and now - self.sent_at < limit)
+                and type(self.handler) is not _Discard and type(self.handler) is not TimedOut
+                and now - self.sent_at < limit)
 
     def _send_behind(self, params, body: bytes, handler) -> None:
         last = self.behind[-1].rid if self.behind else self.rid
@@ -476,6 +479,9 @@ class Link(asyncio.Protocol):
             log.info("client gone: asking worker pid %s to stop its request", self.worker.pid)
             self.handler = _Discard()
             self.transport.write(ServerConnection.abort_request(self.rid))
+            # A slow client may have paused our reading; nobody reads the
+            # rest now, and a paused link would not even see its worker die.
+            self.resume()
 
     def fail(self, error: GatewayError) -> None:
         """This connection cannot go on: fail its request and close it."""
@@ -517,6 +523,12 @@ class _Discard:
     def upstream_failed(self, error) -> None: pass
     def upstream_retry(self, error) -> None: pass
     def upstream_resend(self) -> None: pass
+
+
+class TimedOut(_Discard):
+    """Stands in for a request that ran over [app] request_timeout and was
+    answered 504: output is dropped, but its end still makes the request
+    behind it current, so that one is never taken for not begun."""
 
 
 class _Taken(_Discard):
