@@ -926,7 +926,9 @@ class Pool:
             return
         link.handler = TimedOut()  # what the worker sends now is dropped
         link.resume()  # paused for a slow client, it would not see the worker go
-        # Those behind it have not begun, and this worker will not begin them now.
+        # Those behind it go elsewhere, unless the worker holds a claim lock
+        # that looks like theirs (see corral.worker's let_go): those stay,
+        # and the timed-out request's end, or the link's loss, settles them.
         while (behind := link.take_back()) is not None:
             behind.handler.upstream_resend()
         timeout, grace = self.limits.request_timeout, self.limits.timeout_grace
