@@ -108,6 +108,15 @@ class ServerProcess:
         return children_of(self.proc.pid)
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def children_of(pid: int) -> list[int]:
     """Live, non-zombie child processes of `pid`, from /proc."""
     found = []

@@ -165,21 +165,20 @@ def one_worker(tmp_path, extra: str = ""):
 
 def test_two_requests_wait_behind_a_busy_worker_and_a_third_in_the_queue(tmp_path):
     app, server = one_worker(tmp_path)
-    behind = BEHIND
     try:
         busy = get(server.port, "/slow?2")
         wait_until(lambda: calls(app, "/slow?2") == 1)
         first = post(server.port, "/echo?b1")
-        server.wait_for(behind, 10)
+        server.wait_for(BEHIND, 10)
         second = post(server.port, "/echo?b2")
-        server.wait_for(behind, 10, count=2)
+        server.wait_for(BEHIND, 10, count=2)
         assert busy.done_at == 0  # both went behind while the worker was busy
         third = post(server.port, "/echo?b3")  # two are behind already: it waits...
         for client in (busy, first, second, third):
             client.join(30)
         assert [c.status for c in (busy, first, second, third)] == [200] * 4
         # ...and goes behind the first once that one is the worker's current.
-        assert len(re.findall(behind, server.log)) == 3
+        assert len(re.findall(BEHIND, server.log)) == 3
         assert [calls(app, f"/echo?b{i}") for i in (1, 2, 3)] == [1, 1, 1]
         ran = [line for line in (app / "calls.log").read_text().splitlines()
                if line.startswith("/echo?b")]
@@ -190,16 +189,15 @@ def test_two_requests_wait_behind_a_busy_worker_and_a_third_in_the_queue(tmp_pat
 
 def test_a_client_leaving_while_behind_another_does_not_cost_the_next_one(tmp_path):
     app, server = one_worker(tmp_path)
-    behind = BEHIND
     try:
         busy = get(server.port, "/slow?1.5")
         wait_until(lambda: calls(app, "/slow?1.5") == 1)
         gone = Client(server.port, b"POST /echo?gone HTTP/1.1\r\nHost: t\r\n"
                                    b"Content-Length: 4\r\n\r\ngone")
         gone.sock.sendall(gone.raw)
-        server.wait_for(behind, 10)
+        server.wait_for(BEHIND, 10)
         kept = post(server.port, "/echo?kept")
-        server.wait_for(behind, 10, count=2)
+        server.wait_for(BEHIND, 10, count=2)
         gone.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         gone.sock.close()
         server.wait_for(r"client gone: dropping the request behind", 10)
@@ -220,21 +218,20 @@ def test_requests_behind_one_stuck_on_a_slow_client_run_once_when_that_times_out
     # then: the worker still holds its claim byte for the request that last
     # had that id (it lets it go when the first one behind comes up).
     app, server = one_worker(tmp_path, "request_timeout = 1\ntimeout_grace = 1\n")
-    behind = BEHIND
     try:
         slow = get(server.port, "/slow?0.5")
         wait_until(lambda: calls(app, "/slow?0.5") == 1)
         first = post(server.port, "/echo?p1")
-        server.wait_for(behind, 10)
+        server.wait_for(BEHIND, 10)
         stuck = connect(server.port, timeout=60)
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
-        server.wait_for(behind, 10, count=2)
+        server.wait_for(BEHIND, 10, count=2)
         wait_until(lambda: calls(app, "/big") == 1)
         x1 = post(server.port, "/echo?x1")
-        server.wait_for(behind, 10, count=3)
+        server.wait_for(BEHIND, 10, count=3)
         x2 = post(server.port, "/echo?x2")
-        server.wait_for(behind, 10, count=4)
+        server.wait_for(BEHIND, 10, count=4)
         server.wait_for(r"timed out: GET /big", 30)
         for client in (slow, first, x1, x2):
             client.join(30)

@@ -21,7 +21,7 @@ import pytest
 
 from corral.config import ConfigError, load
 from corral.pool import find_script
-from tests.harness import APPS, ROOT, ServerProcess, copy_app, request
+from tests.harness import APPS, ROOT, ServerProcess, alive, copy_app, request
 
 PHP_APP = APPS / "php"
 # Outside Linux's default ephemeral range (32768-60999), so the ports corral
@@ -68,14 +68,6 @@ def post_form(port: int, target: str, fields: dict) -> tuple[int, dict, bytes, b
     return request(port, f"POST {target} HTTP/1.1\r\nHost: a\r\n"
                    "Content-Type: application/x-www-form-urlencoded\r\n"
                    f"Content-Length: {len(body)}\r\n\r\n".encode() + body, timeout=30)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_gone(pids, timeout: float = 10.0) -> None:

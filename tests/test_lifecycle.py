@@ -15,6 +15,7 @@ from tests.conftest import cases_config
 from tests.harness import (
     APPS,
     ServerProcess,
+    alive,
     children_of,
     connect,
     copy_app,
@@ -28,14 +29,6 @@ def cases_app(tmp_path, processes=2, server="", extra=""):
     (app / "public").mkdir()
     (app / "corral.toml").write_text(cases_config(app, processes, server) + extra)
     return app
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def get(port: int, path: bytes) -> tuple[int, dict, bytes, bytes]:

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from corral.config import ConfigError, load
-from tests.harness import (APPS, ROOT, SAMPLE, ServerProcess, children_of, connect, copy_app,
-                           read_response, request)
+from tests.harness import (APPS, ROOT, SAMPLE, ServerProcess, alive, children_of, connect,
+                           copy_app, read_response, request)
 
 
 def scaling_app(tmp_path, app: str, deploy: str = "", version: str = "v1"):
@@ -457,12 +457,5 @@ def test_preloader_and_its_workers_die_with_a_killed_supervisor(tmp_path):
     left = [preloader, *children_of(preloader)]
     assert len(left) == 3
     server.kill()  # SIGKILL: no chance to stop anything itself
-
-    def alive(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
     wait_until(lambda: not any(alive(pid) for pid in left), 20,
                f"processes {left} gone after the supervisor")
