@@ -135,11 +135,18 @@ def children_of(pid: int) -> list[int]:
 
 def copy_app(source: Path, target: Path) -> Path:
     """A copy of an app folder without generated files, for one test."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns(
-        "__pycache__", "db.sqlite3", "*.log"))
-    # What serving the app once left behind (its run folder, e.g. after
-    # `./dev serve`) is not part of the app.
-    shutil.rmtree(target / "tmp", ignore_errors=True)
+    generated = shutil.ignore_patterns("__pycache__", "db.sqlite3", "*.log")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        # The app's run folder (tmp/) is not part of it either: what serving
+        # it left there, or the live sockets of a `./dev serve` running now,
+        # which copytree could not copy.
+        skipped = generated(folder, names)
+        if Path(folder) == Path(source):
+            skipped |= {"tmp"} & set(names)
+        return skipped
+
+    shutil.copytree(source, target, ignore=ignore)
     static = target / "static"
     if static.exists():
         for item in static.iterdir():
