@@ -316,8 +316,17 @@ def prepare_hello(folder: Path, processes: int) -> Target:
 def prepare_site(source: Path, folder: Path, processes: int) -> Target:
     """A copy of the sample site without its generated files, so the bench
     never touches the user's copy or its database."""
-    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(
-        "__pycache__", "*.pyc", "db.sqlite3", "*.log"))
+    generated = shutil.ignore_patterns("__pycache__", "*.pyc", "db.sqlite3", "*.log")
+
+    def ignore(where: str, names: list[str]) -> set[str]:
+        # Nor its run folder: a `corral serve` of the site may be running,
+        # and its sockets there cannot be copied.
+        skipped = generated(where, names)
+        if Path(where) == Path(source):
+            skipped |= {"tmp"} & set(names)
+        return skipped
+
+    shutil.copytree(source, folder, ignore=ignore)
     static = folder / "static"
     for item in static.iterdir() if static.is_dir() else ():
         if item.name != ".gitignore":

@@ -404,6 +404,16 @@ CLAIM_PARAM = b"CORRAL_CLAIM"
 FRAME_PARAM = b"CORRAL_FRAME"
 
 
+def claim_offset(value: bytes, rid: int) -> int:
+    """The claim byte of a request from CLAIM_PARAM's value: "@N" is byte N
+    (each id has two, used in turn, so that the one the worker may still
+    hold for the last request with that id is never in the way); anything
+    else, from a front of an earlier version, is the id's own byte."""
+    if value.startswith(b"@") and value[1:].isdigit():
+        return int(value[1:])
+    return rid
+
+
 def make_claim_file() -> tuple[int, bytes] | None:
     """The claim file's descriptor and the path the front opens it by."""
     try:
@@ -596,7 +606,8 @@ class Worker:
                            for later in events[index + 1:]):
                         # Given up on while it waited behind another: never run.
                         conn.sendall(connection.finish())
-                    elif claim is not None and not self.claim(rid, peer.previous_rid):
+                    elif claim is not None and not self.claim(claim_offset(claim, rid),
+                                                              peer.previous_rid):
                         # Sent ahead to us, then taken back for another worker.
                         conn.sendall(connection.finish())
                     elif not self.run_request(conn, connection, params, body,
@@ -632,9 +643,9 @@ class Worker:
                 events.extend(connection.resume())  # a request held behind this one
         return True
 
-    def claim(self, rid: int, after: int | None) -> bool:
-        """Take the byte lock of a request sent behind another (at its id's
-        offset); False if the front has it.  `after`: the id of the request
+    def claim(self, offset: int, after: int | None) -> bool:
+        """Take the byte lock of a request sent behind another (at `offset`,
+        see claim_offset); False if the front has it.  `after`: the id of the request
         that began before it here.  The front may try to take this one back
         until it has read the end of that one, and it uses an id again only
         once it has read the end of the request that had it: so we keep the
@@ -643,10 +654,10 @@ class Worker:
         if fd is None:
             return True  # we offered no queueing: the mark means nothing here
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, rid)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
         except OSError:
             return False
-        self.held_claims[after] = rid
+        self.held_claims[after] = offset
         return True
 
     def let_go(self, rid: int) -> None:

@@ -120,16 +120,19 @@ def parse_cgi_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
 class Behind:
     """A request sent to a busy worker, to run after the one it serves."""
 
-    __slots__ = ("handler", "rid", "params", "body", "sent_at", "taken")
+    __slots__ = ("handler", "rid", "offset", "params", "body", "sent_at", "taken")
 
-    def __init__(self, handler, rid: int, params, body: bytes) -> None:
+    def __init__(self, handler, rid: int, offset: int, params, body: bytes) -> None:
         self.handler = handler
-        # Its byte in the worker's claim file is at offset `rid`.  The
-        # worker holds the byte of a request it began from behind until a
-        # request comes with the id of the one before it, which we send only
-        # after we have read that one's end: so a request the worker has
-        # begun can never be taken back while it is still behind for us.
+        # Its byte in the worker's claim file is at `offset`.  The worker
+        # holds the byte of a request it began from behind until a request
+        # comes with the id of the one before it, which we send only after
+        # we have read that one's end: so a request the worker has begun can
+        # never be taken back while it is still behind for us.  Each id has
+        # two bytes, used in turn: the worker may still hold the last one
+        # for the request that had this id before, but never the other.
         self.rid = rid
+        self.offset = offset
         self.params, self.body = params, body  # kept, to send it elsewhere instead
         self.sent_at = time.monotonic()
         self.taken = False  # taken back for another worker: this one will skip it
@@ -161,6 +164,8 @@ class Link(asyncio.Protocol):
         self.sent_at = 0.0  # when the current request was sent (monotonic)
         self.rid = REQUEST_ID  # the current request's id
         self.behind: list[Behind] = []  # in the order the worker will begin them
+        self._turn = [0] * (_IDS + 1)  # by id: which of its two claim bytes comes next
+        self.taken_offset = 0  # the claim byte of the current request, if taken back
         self.claim_fd: int | None = None  # the worker's claim file: it takes requests behind
         self.closed = False
         self._drained: asyncio.Future | None = None
@@ -270,7 +275,7 @@ class Link(asyncio.Protocol):
                 if handler is None:
                     continue
                 if type(handler) is _Taken:
-                    self._unlock(self.rid)  # the worker skipped it: the lock may go
+                    self._unlock(self.taken_offset)  # the worker skipped it: the lock may go
                     self.head.clear()
                     self.head_done = False
                     self._next(events[index + 1:])
@@ -383,10 +388,13 @@ class Link(asyncio.Protocol):
     def _send_behind(self, params, body: bytes, handler) -> None:
         last = self.behind[-1].rid if self.behind else self.rid
         rid = last % _IDS + 1  # the next id round: free, since fewer are in flight
-        self.behind.append(Behind(handler, rid, params, body))
+        turn = self._turn[rid]
+        self._turn[rid] = 1 - turn
+        offset = rid + _IDS * turn
+        self.behind.append(Behind(handler, rid, offset, params, body))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("a request goes behind worker pid %s's current request", self.worker.pid)
-        out = ServerConnection.begin_request(rid, [(CLAIM_PARAM, b"1"), *params])
+        out = ServerConnection.begin_request(rid, [(CLAIM_PARAM, b"@%d" % offset), *params])
         if body:
             out += ServerConnection.stdin(rid, body)
         self.transport.write(out + ServerConnection.stdin(rid, b""))
@@ -408,17 +416,17 @@ class Link(asyncio.Protocol):
             if behind.taken or type(behind.handler) is _Discard:  # the worker skips it
                 continue
             try:
-                fcntl.lockf(self.claim_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, behind.rid)
+                fcntl.lockf(self.claim_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, behind.offset)
             except OSError:
                 continue  # the worker holds it: it runs now (the next may not have begun)
             behind.taken = True
             return behind
         return None
 
-    def _unlock(self, rid: int) -> None:
+    def _unlock(self, offset: int) -> None:
         if self.claim_fd is not None:
             try:
-                fcntl.lockf(self.claim_fd, fcntl.LOCK_UN, 1, rid)
+                fcntl.lockf(self.claim_fd, fcntl.LOCK_UN, 1, offset)
             except OSError:
                 pass
 
@@ -429,6 +437,7 @@ class Link(asyncio.Protocol):
         behind = self.behind.pop(0) if self.behind else None
         if behind is not None:
             self.rid = behind.rid
+            self.taken_offset = behind.offset
             self.handler = _Taken() if behind.taken else behind.handler
             self.answered = False
             self.sent_at = time.monotonic()
